@@ -1,0 +1,342 @@
+//! The agent's TOML configuration: parsing and every validation rule.
+//!
+//! `load` turns a file into a `Config` that is valid by construction, or a
+//! `ConfigError` naming the file, line and key. Must never: touch a device,
+//! socket or route, so a broken config changes nothing on the host.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::keys::{PrivateKey, PublicKey};
+use crate::membership::{Membership, PeerSpec};
+
+pub const DEFAULT_OVERLAY: &str = "10.42.0.0/16";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:51820";
+pub const DEFAULT_DEVICE: &str = "mesh0";
+/// Where control sockets live unless the config says otherwise.
+pub const CONTROL_SOCKET_DIR: &str = "/run/meshnet";
+
+/// Smallest MTU every IPv4 host must accept (RFC 791).
+const MIN_MTU: u16 = 576;
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; `None` when the whole file is at fault (unreadable).
+    pub line: Option<usize>,
+    /// The offending key, as a dotted path (`peer.h2.subnet`).
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Tun,
+    Tap,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub name: String,
+    pub private_key: PrivateKey,
+    pub listen: SocketAddr,
+    pub overlay: Ipv4Net,
+    pub subnet: Ipv4Net,
+    pub device: String,
+    pub mode: Mode,
+    pub control_socket: PathBuf,
+    /// Inner MTU; `None` means underlay MTU minus 80.
+    pub mtu: Option<u16>,
+    pub membership: Membership,
+}
+
+impl Config {
+    pub fn public_key(&self) -> PublicKey {
+        self.private_key.public_key()
+    }
+}
+
+/// The control socket path for a device when the config names none.
+pub fn default_control_socket(device: &str) -> PathBuf {
+    Path::new(CONTROL_SOCKET_DIR).join(format!("{device}.sock"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: Spanned<String>,
+    private_key_file: Spanned<String>,
+    listen: Option<Spanned<String>>,
+    overlay: Option<Spanned<String>>,
+    subnet: Spanned<String>,
+    device: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    control_socket: Option<Spanned<String>>,
+    mtu: Option<Spanned<i64>>,
+    #[serde(default)]
+    peer: Vec<Spanned<RawPeer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Spanned<String>,
+    public_key: Spanned<String>,
+    endpoint: Option<Spanned<String>>,
+    subnet: Spanned<String>,
+    keepalive: Option<Spanned<i64>>,
+}
+
+/// Reads and validates a config file. Key files named in it are read (and
+/// their permissions checked) relative to the config file's directory.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        key: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, path)
+}
+
+/// Validates config text as if read from `path`.
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let v = Validator { text, file: path };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
+    v.config(raw)
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn error(&self, span: Range<usize>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_owned(),
+            line: Some(self.line_of(span.start)),
+            key: Some(key.into()),
+            message: msg.into(),
+        }
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let span = e.span().unwrap_or(0..0);
+        // The error's span points at the offending key or value; a bare
+        // identifier there is the key to name.
+        let at = self.text.get(span.clone()).unwrap_or("").trim();
+        let key = at
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            .then(|| at.to_owned())
+            .filter(|k| !k.is_empty());
+        ConfigError {
+            file: self.file.to_owned(),
+            line: e.span().map(|s| self.line_of(s.start)),
+            key,
+            message: e.message().trim().to_owned(),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let name = self.name(&raw.name, "name")?;
+        let private_key = self.private_key(&raw.private_key_file)?;
+        let listen = match &raw.listen {
+            Some(l) => self.socket_addr(l, "listen")?,
+            None => DEFAULT_LISTEN.parse().expect("default listen address parses"),
+        };
+        let overlay = match &raw.overlay {
+            Some(o) => self.network(o, "overlay")?,
+            None => DEFAULT_OVERLAY.parse().expect("default overlay parses"),
+        };
+        let subnet = self.subnet(&raw.subnet, "subnet", overlay)?;
+        let device = match &raw.device {
+            Some(d) => self.device(d)?,
+            None => DEFAULT_DEVICE.to_owned(),
+        };
+        let mode = match raw.mode.as_ref().map(|m| (m.get_ref().as_str(), m)) {
+            None | Some(("tun", _)) => Mode::Tun,
+            Some(("tap", m)) => {
+                return Err(self.error(m.span(), "mode", "tap mode is not available yet; use \"tun\""));
+            }
+            Some((other, m)) => {
+                return Err(self.error(m.span(), "mode", format!("unknown mode {other:?}; expected \"tun\" or \"tap\"")));
+            }
+        };
+        let control_socket = match &raw.control_socket {
+            Some(s) if s.get_ref().is_empty() => return Err(self.error(s.span(), "control_socket", "must not be empty")),
+            Some(s) => PathBuf::from(s.get_ref()),
+            None => default_control_socket(&device),
+        };
+        let mtu = raw.mtu.as_ref().map(|m| self.mtu(m)).transpose()?;
+        let own = Own { name: &name, key: private_key.public_key(), subnet };
+        let peers = self.peers(&raw.peer, &own, overlay)?;
+        Ok(Config {
+            file: self.file.to_owned(),
+            name,
+            private_key,
+            listen,
+            overlay,
+            subnet,
+            device,
+            mode,
+            control_socket,
+            mtu,
+            membership: Membership { peers },
+        })
+    }
+
+    fn name(&self, name: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+        let n = name.get_ref();
+        // Host names become DNS labels, so they follow the label rules.
+        let ok = !n.is_empty()
+            && n.len() <= 63
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !n.starts_with('-')
+            && !n.ends_with('-');
+        if !ok {
+            return Err(self.error(
+                name.span(),
+                key,
+                format!("{n:?} is not a valid host name: use 1-63 letters, digits or '-', not starting or ending with '-'"),
+            ));
+        }
+        Ok(n.clone())
+    }
+
+    fn private_key(&self, file: &Spanned<String>) -> Result<PrivateKey, ConfigError> {
+        let base = self.file.parent().unwrap_or(Path::new("."));
+        let path = base.join(file.get_ref());
+        PrivateKey::load(&path).map_err(|e| self.error(file.span(), "private_key_file", e.to_string()))
+    }
+
+    fn socket_addr(&self, value: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().parse().map_err(|_| {
+            self.error(value.span(), key, format!("{:?} is not an address:port such as \"192.0.2.1:51820\"", value.get_ref()))
+        })
+    }
+
+    fn network(&self, value: &Spanned<String>, key: &str) -> Result<Ipv4Net, ConfigError> {
+        let text = value.get_ref();
+        let net: Ipv4Net = text.parse().map_err(|_| {
+            self.error(value.span(), key, format!("{text:?} is not an IPv4 network such as \"10.42.1.0/24\""))
+        })?;
+        if net.trunc() != net {
+            return Err(self.error(
+                value.span(),
+                key,
+                format!("{text} has host bits set; did you mean {}?", net.trunc()),
+            ));
+        }
+        Ok(net)
+    }
+
+    fn subnet(&self, value: &Spanned<String>, key: &str, overlay: Ipv4Net) -> Result<Ipv4Net, ConfigError> {
+        let net = self.network(value, key)?;
+        if !overlay.contains(&net) {
+            return Err(self.error(value.span(), key, format!("{net} is outside the overlay {overlay}")));
+        }
+        // A host needs its own address plus room for at least one more.
+        if net.prefix_len() > 30 {
+            return Err(self.error(value.span(), key, format!("{net} is too small: use a /30 or larger block")));
+        }
+        Ok(net)
+    }
+
+    fn device(&self, value: &Spanned<String>) -> Result<String, ConfigError> {
+        let d = value.get_ref();
+        // Linux interface names: at most 15 bytes, no '/', no whitespace.
+        let ok = !d.is_empty() && d.len() <= 15 && d != "." && d != ".." && !d.contains(['/', ':']) && !d.chars().any(char::is_whitespace);
+        if !ok {
+            return Err(self.error(value.span(), "device", format!("{d:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)")));
+        }
+        Ok(d.clone())
+    }
+
+    fn mtu(&self, value: &Spanned<i64>) -> Result<u16, ConfigError> {
+        let m = *value.get_ref();
+        u16::try_from(m)
+            .ok()
+            .filter(|m| *m >= MIN_MTU)
+            .ok_or_else(|| self.error(value.span(), "mtu", format!("{m} is not a usable MTU ({MIN_MTU}-65535)")))
+    }
+
+    fn keepalive(&self, value: &Spanned<i64>, key: &str) -> Result<Option<u16>, ConfigError> {
+        match u16::try_from(*value.get_ref()) {
+            Ok(0) => Ok(None),
+            Ok(k) => Ok(Some(k)),
+            Err(_) => Err(self.error(value.span(), key, "keepalive is seconds from 0 (off) to 65535")),
+        }
+    }
+
+    fn peers(&self, raw: &[Spanned<RawPeer>], own: &Own, overlay: Ipv4Net) -> Result<Vec<PeerSpec>, ConfigError> {
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut keys: HashMap<PublicKey, String> = HashMap::new();
+        let mut peers: Vec<PeerSpec> = Vec::with_capacity(raw.len());
+        for p in raw.iter().map(Spanned::get_ref) {
+            let name = self.name(&p.name, "peer.name")?;
+            let at = |field: &str| format!("peer.{name}.{field}");
+            if name == own.name || names.contains_key(&name) {
+                return Err(self.error(p.name.span(), "peer.name", format!("duplicate host name {name:?}")));
+            }
+            names.insert(name.clone(), peers.len());
+            let public_key = PublicKey::from_base64(p.public_key.get_ref())
+                .map_err(|e| self.error(p.public_key.span(), at("public_key"), e.to_string()))?;
+            if public_key == own.key {
+                return Err(self.error(p.public_key.span(), at("public_key"), "this is this host's own public key; a host is not its own peer"));
+            }
+            if let Some(other) = keys.insert(public_key, name.clone()) {
+                return Err(self.error(p.public_key.span(), at("public_key"), format!("same public key as peer {other:?}")));
+            }
+            let endpoint = p.endpoint.as_ref().map(|e| self.socket_addr(e, &at("endpoint"))).transpose()?;
+            let subnet = self.subnet(&p.subnet, &at("subnet"), overlay)?;
+            if subnet.contains(&own.subnet) || own.subnet.contains(&subnet) {
+                return Err(self.error(p.subnet.span(), at("subnet"), format!("{subnet} overlaps this host's subnet {}", own.subnet)));
+            }
+            if let Some(other) = peers.iter().find(|o| o.subnet.contains(&subnet) || subnet.contains(&o.subnet)) {
+                return Err(self.error(p.subnet.span(), at("subnet"), format!("{subnet} overlaps the subnet {} of peer {:?}", other.subnet, other.name)));
+            }
+            let keepalive = p.keepalive.as_ref().map(|k| self.keepalive(k, &at("keepalive"))).transpose()?.flatten();
+            peers.push(PeerSpec { name, public_key, endpoint, subnet, keepalive });
+        }
+        Ok(peers)
+    }
+}
+
+struct Own<'a> {
+    name: &'a str,
+    key: PublicKey,
+    subnet: Ipv4Net,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,283 @@
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    own: PrivateKey,
+    peer_keys: Vec<PublicKey>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let own = PrivateKey::generate();
+        let key_path = dir.path().join("h1.key");
+        std::fs::write(&key_path, own.to_base64()).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let peer_keys = (0..3).map(|_| PrivateKey::generate().public_key()).collect();
+        Self { dir, own, peer_keys }
+    }
+
+    /// `{k0}`..`{k2}` stand for peer public keys, `{own}` for ours.
+    fn parse(&self, text: &str) -> Result<Config, ConfigError> {
+        let mut text = text.replace("{own}", &self.own.public_key().to_string());
+        for (i, k) in self.peer_keys.iter().enumerate() {
+            text = text.replace(&format!("{{k{i}}}"), &k.to_string());
+        }
+        let path = self.dir.path().join("h1.toml");
+        std::fs::write(&path, &text).unwrap();
+        load(&path)
+    }
+
+    fn err(&self, text: &str) -> ConfigError {
+        match self.parse(text) {
+            Ok(_) => panic!("config was accepted:\n{text}"),
+            Err(e) => e,
+        }
+    }
+}
+
+const HEAD: &str = r#"name = "h1"
+private_key_file = "h1.key"
+subnet = "10.42.1.0/24"
+"#;
+
+fn with_peers(peers: &str) -> String {
+    format!("{HEAD}{peers}")
+}
+
+const PEER2: &str = r#"
+[[peer]]
+name = "h2"
+public_key = "{k0}"
+endpoint = "192.0.2.2:51820"
+subnet = "10.42.2.0/24"
+"#;
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let f = Fixture::new();
+    let c = f.parse(HEAD).unwrap();
+    assert_eq!(c.name, "h1");
+    assert_eq!(c.listen, "0.0.0.0:51820".parse().unwrap());
+    assert_eq!(c.overlay, "10.42.0.0/16".parse().unwrap());
+    assert_eq!(c.device, "mesh0");
+    assert_eq!(c.mode, Mode::Tun);
+    assert_eq!(c.control_socket, PathBuf::from("/run/meshnet/mesh0.sock"));
+    assert_eq!(c.mtu, None);
+    assert!(c.membership.peers.is_empty());
+    assert_eq!(c.public_key(), f.own.public_key());
+}
+
+#[test]
+fn full_config_from_the_issue_parses() {
+    let f = Fixture::new();
+    let c = f
+        .parse(
+            r#"name = "h1"
+private_key_file = "h1.key"
+listen = "0.0.0.0:51821"
+overlay = "10.42.0.0/16"
+subnet = "10.42.1.0/24"
+device = "mesh7"
+mode = "tun"
+control_socket = "/tmp/x.sock"
+mtu = 1380
+
+[[peer]]
+name = "h2"
+public_key = "{k0}"
+endpoint = "192.0.2.2:51820"
+subnet = "10.42.2.0/24"
+keepalive = 25
+
+[[peer]]
+name = "h3"
+public_key = "{k1}"
+subnet = "10.42.3.0/24"
+"#,
+        )
+        .unwrap();
+    assert_eq!(c.device, "mesh7");
+    assert_eq!(c.control_socket, PathBuf::from("/tmp/x.sock"));
+    assert_eq!(c.mtu, Some(1380));
+    let p = &c.membership.peers;
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0].public_key, f.peer_keys[0]);
+    assert_eq!(p[0].endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+    assert_eq!(p[0].keepalive, Some(25));
+    assert_eq!(p[1].endpoint, None);
+    assert_eq!(p[1].keepalive, None);
+}
+
+#[test]
+fn device_name_sets_default_control_socket() {
+    let f = Fixture::new();
+    let c = f.parse(&format!("{HEAD}device = \"ovl1\"\n")).unwrap();
+    assert_eq!(c.control_socket, PathBuf::from("/run/meshnet/ovl1.sock"));
+}
+
+fn assert_at(e: &ConfigError, line: usize, key: &str, needle: &str) {
+    assert_eq!(e.line, Some(line), "wrong line in: {e}");
+    assert_eq!(e.key.as_deref(), Some(key), "wrong key in: {e}");
+    assert!(e.message.contains(needle), "message lacks {needle:?}: {e}");
+    assert!(e.file.ends_with("h1.toml"), "no file in: {e}");
+    let shown = e.to_string();
+    assert!(shown.contains(&format!("h1.toml:{line}: {key}: ")), "display: {shown}");
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let f = Fixture::new();
+    let e = f.err(&format!("{HEAD}lisen = \"0.0.0.0:1\"\n"));
+    assert_at(&e, 4, "lisen", "unknown field");
+}
+
+#[test]
+fn unknown_key_inside_a_peer_is_named() {
+    let f = Fixture::new();
+    let e = f.err(&with_peers(&PEER2.replace("endpoint", "endpont")));
+    assert_at(&e, 8, "endpont", "unknown field");
+}
+
+#[test]
+fn toml_syntax_error_has_a_line() {
+    let f = Fixture::new();
+    let e = f.err(&format!("{HEAD}device = \n"));
+    assert_eq!(e.line, Some(4), "{e}");
+}
+
+#[test]
+fn overlapping_peer_subnets_are_rejected() {
+    let f = Fixture::new();
+    let e = f.err(&with_peers(&format!(
+        "{PEER2}\n[[peer]]\nname = \"h3\"\npublic_key = \"{{k1}}\"\nsubnet = \"10.42.2.128/25\"\n"
+    )));
+    assert_at(&e, 14, "peer.h3.subnet", "overlaps the subnet 10.42.2.0/24 of peer \"h2\"");
+}
+
+#[test]
+fn peer_subnet_overlapping_our_own_is_rejected() {
+    let f = Fixture::new();
+    let e = f.err(&with_peers(&PEER2.replace("10.42.2.0/24", "10.42.0.0/23")));
+    assert_at(&e, 9, "peer.h2.subnet", "overlaps this host's subnet");
+}
+
+#[test]
+fn subnet_outside_overlay_is_rejected() {
+    let f = Fixture::new();
+    let e = f.err(&HEAD.replace("10.42.1.0/24", "10.43.1.0/24"));
+    assert_at(&e, 3, "subnet", "outside the overlay 10.42.0.0/16");
+    let e = f.err(&with_peers(&PEER2.replace("10.42.2.0/24", "192.168.2.0/24")));
+    assert_at(&e, 9, "peer.h2.subnet", "outside the overlay");
+}
+
+#[test]
+fn subnet_with_host_bits_suggests_the_network() {
+    let f = Fixture::new();
+    let e = f.err(&HEAD.replace("10.42.1.0/24", "10.42.1.7/24"));
+    assert_at(&e, 3, "subnet", "did you mean 10.42.1.0/24");
+}
+
+#[test]
+fn duplicate_peer_names_are_rejected() {
+    let f = Fixture::new();
+    let dup = PEER2.replace("{k0}", "{k1}").replace("10.42.2.0/24", "10.42.3.0/24");
+    let e = f.err(&with_peers(&format!("{PEER2}{dup}")));
+    assert_at(&e, 12, "peer.name", "duplicate host name \"h2\"");
+}
+
+#[test]
+fn peer_named_like_this_host_is_rejected() {
+    let f = Fixture::new();
+    let e = f.err(&with_peers(&PEER2.replace("\"h2\"", "\"h1\"")));
+    assert_at(&e, 6, "peer.name", "duplicate host name \"h1\"");
+}
+
+#[test]
+fn duplicate_peer_keys_are_rejected() {
+    let f = Fixture::new();
+    let dup = PEER2.replace("\"h2\"", "\"h3\"").replace("10.42.2.0/24", "10.42.3.0/24");
+    let e = f.err(&with_peers(&format!("{PEER2}{dup}")));
+    assert_at(&e, 13, "peer.h3.public_key", "same public key as peer \"h2\"");
+}
+
+#[test]
+fn own_key_as_peer_is_rejected() {
+    let f = Fixture::new();
+    let e = f.err(&with_peers(&PEER2.replace("{k0}", "{own}")));
+    assert_at(&e, 7, "peer.h2.public_key", "own public key");
+}
+
+#[test]
+fn bad_base64_key_is_rejected() {
+    let f = Fixture::new();
+    let e = f.err(&with_peers(&PEER2.replace("{k0}", "not-base64!")));
+    assert_at(&e, 7, "peer.h2.public_key", "not a valid key");
+}
+
+#[test]
+fn bad_endpoint_is_rejected() {
+    let f = Fixture::new();
+    let e = f.err(&with_peers(&PEER2.replace("192.0.2.2:51820", "192.0.2.2")));
+    assert_at(&e, 8, "peer.h2.endpoint", "address:port");
+}
+
+#[test]
+fn key_file_readable_by_others_is_a_config_error() {
+    let f = Fixture::new();
+    let key = f.dir.path().join("h1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let e = f.err(HEAD);
+    assert_at(&e, 2, "private_key_file", "chmod 600");
+}
+
+#[test]
+fn missing_key_file_is_a_config_error() {
+    let f = Fixture::new();
+    let e = f.err(&HEAD.replace("h1.key", "nope.key"));
+    assert_at(&e, 2, "private_key_file", "cannot read key file");
+}
+
+#[test]
+fn missing_required_key_is_reported() {
+    let f = Fixture::new();
+    let e = f.err("name = \"h1\"\nprivate_key_file = \"h1.key\"\n");
+    assert!(e.message.contains("missing field `subnet`"), "{e}");
+}
+
+#[test]
+fn invalid_values_are_rejected() {
+    let f = Fixture::new();
+    let cases = [
+        (format!("{HEAD}mode = \"tap\"\n"), "mode", "not available yet"),
+        (format!("{HEAD}mode = \"l2\"\n"), "mode", "unknown mode"),
+        (format!("{HEAD}mtu = 100\n"), "mtu", "not a usable MTU"),
+        (format!("{HEAD}device = \"a/b\"\n"), "device", "not a valid interface name"),
+        (format!("{HEAD}device = \"abcdefghijklmnop\"\n"), "device", "not a valid interface name"),
+        (HEAD.replace("\"h1\"", "\"h 1\""), "name", "not a valid host name"),
+        (HEAD.replace("10.42.1.0/24", "10.42.1.0/31"), "subnet", "too small"),
+        (format!("{HEAD}overlay = \"10.42.0.0/33\"\n"), "overlay", "not an IPv4 network"),
+        (with_peers(&format!("{PEER2}keepalive = -1\n")), "peer.h2.keepalive", "keepalive"),
+    ];
+    for (text, key, needle) in cases {
+        let e = f.err(&text);
+        assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        assert!(e.message.contains(needle), "{e}");
+        assert!(e.line.is_some(), "{e}");
+    }
+}
+
+#[test]
+fn keepalive_zero_means_off() {
+    let f = Fixture::new();
+    let c = f.parse(&with_peers(&format!("{PEER2}keepalive = 0\n"))).unwrap();
+    assert_eq!(c.membership.peers[0].keepalive, None);
+}
+
+#[test]
+fn unreadable_config_names_the_file() {
+    let e = load(Path::new("/nonexistent/meshd.toml")).unwrap_err();
+    assert!(e.to_string().starts_with("/nonexistent/meshd.toml: cannot read"), "{e}");
+}

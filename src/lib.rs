@@ -1,0 +1,11 @@
+//! meshnet: an encrypted overlay network for containers.
+//!
+//! Layers, innermost first: `keys`, `config` and `membership` are plain
+//! values; `core` decides everything about packets and peers without IO;
+//! `agent` is the tokio shell that moves bytes between the TUN device, the
+//! UDP socket and the core; `control` is the protocol `meshctl` speaks to
+//! the agent. The binaries only parse arguments and call in.
+
+pub mod config;
+pub mod keys;
+pub mod membership;
