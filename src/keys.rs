@@ -60,6 +60,19 @@ impl fmt::Display for PublicKey {
     }
 }
 
+impl serde::Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Self::from_base64(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicKey({self})")
@@ -194,7 +207,11 @@ mod tests {
             // 33 bytes of base64: right alphabet, wrong length.
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==",
         ] {
-            assert_eq!(PublicKey::from_base64(bad), Err(KeyError::BadEncoding), "{bad:?}");
+            assert_eq!(
+                PublicKey::from_base64(bad),
+                Err(KeyError::BadEncoding),
+                "{bad:?}"
+            );
         }
     }
 
@@ -213,7 +230,10 @@ mod tests {
         std::fs::write(&path, PrivateKey::generate().to_base64()).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = PrivateKey::load(&path).unwrap_err();
-        assert!(matches!(err, KeyError::TooOpen { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, KeyError::TooOpen { mode: 0o644, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"));
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -226,6 +246,9 @@ mod tests {
         let path = dir.path().join("bad.key");
         std::fs::write(&path, "not a key\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(PrivateKey::load(&path), Err(KeyError::BadFile { .. })));
+        assert!(matches!(
+            PrivateKey::load(&path),
+            Err(KeyError::BadFile { .. })
+        ));
     }
 }

@@ -7,5 +7,6 @@
 //! the agent. The binaries only parse arguments and call in.
 
 pub mod config;
+pub mod core;
 pub mod keys;
 pub mod membership;

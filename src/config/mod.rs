@@ -135,7 +135,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn error(&self, span: Range<usize>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    fn error(
+        &self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.to_owned(),
             line: Some(self.line_of(span.start)),
@@ -146,7 +151,11 @@ impl Validator<'_> {
 
     fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
     }
 
     fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
@@ -172,7 +181,9 @@ impl Validator<'_> {
         let private_key = self.private_key(&raw.private_key_file)?;
         let listen = match &raw.listen {
             Some(l) => self.socket_addr(l, "listen")?,
-            None => DEFAULT_LISTEN.parse().expect("default listen address parses"),
+            None => DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses"),
         };
         let overlay = match &raw.overlay {
             Some(o) => self.network(o, "overlay")?,
@@ -186,19 +197,33 @@ impl Validator<'_> {
         let mode = match raw.mode.as_ref().map(|m| (m.get_ref().as_str(), m)) {
             None | Some(("tun", _)) => Mode::Tun,
             Some(("tap", m)) => {
-                return Err(self.error(m.span(), "mode", "tap mode is not available yet; use \"tun\""));
+                return Err(self.error(
+                    m.span(),
+                    "mode",
+                    "tap mode is not available yet; use \"tun\"",
+                ));
             }
             Some((other, m)) => {
-                return Err(self.error(m.span(), "mode", format!("unknown mode {other:?}; expected \"tun\" or \"tap\"")));
+                return Err(self.error(
+                    m.span(),
+                    "mode",
+                    format!("unknown mode {other:?}; expected \"tun\" or \"tap\""),
+                ));
             }
         };
         let control_socket = match &raw.control_socket {
-            Some(s) if s.get_ref().is_empty() => return Err(self.error(s.span(), "control_socket", "must not be empty")),
+            Some(s) if s.get_ref().is_empty() => {
+                return Err(self.error(s.span(), "control_socket", "must not be empty"));
+            }
             Some(s) => PathBuf::from(s.get_ref()),
             None => default_control_socket(&device),
         };
         let mtu = raw.mtu.as_ref().map(|m| self.mtu(m)).transpose()?;
-        let own = Own { name: &name, key: private_key.public_key(), subnet };
+        let own = Own {
+            name: &name,
+            key: private_key.public_key(),
+            subnet,
+        };
         let peers = self.peers(&raw.peer, &own, overlay)?;
         Ok(Config {
             file: self.file.to_owned(),
@@ -236,19 +261,31 @@ impl Validator<'_> {
     fn private_key(&self, file: &Spanned<String>) -> Result<PrivateKey, ConfigError> {
         let base = self.file.parent().unwrap_or(Path::new("."));
         let path = base.join(file.get_ref());
-        PrivateKey::load(&path).map_err(|e| self.error(file.span(), "private_key_file", e.to_string()))
+        PrivateKey::load(&path)
+            .map_err(|e| self.error(file.span(), "private_key_file", e.to_string()))
     }
 
     fn socket_addr(&self, value: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
         value.get_ref().parse().map_err(|_| {
-            self.error(value.span(), key, format!("{:?} is not an address:port such as \"192.0.2.1:51820\"", value.get_ref()))
+            self.error(
+                value.span(),
+                key,
+                format!(
+                    "{:?} is not an address:port such as \"192.0.2.1:51820\"",
+                    value.get_ref()
+                ),
+            )
         })
     }
 
     fn network(&self, value: &Spanned<String>, key: &str) -> Result<Ipv4Net, ConfigError> {
         let text = value.get_ref();
         let net: Ipv4Net = text.parse().map_err(|_| {
-            self.error(value.span(), key, format!("{text:?} is not an IPv4 network such as \"10.42.1.0/24\""))
+            self.error(
+                value.span(),
+                key,
+                format!("{text:?} is not an IPv4 network such as \"10.42.1.0/24\""),
+            )
         })?;
         if net.trunc() != net {
             return Err(self.error(
@@ -260,14 +297,27 @@ impl Validator<'_> {
         Ok(net)
     }
 
-    fn subnet(&self, value: &Spanned<String>, key: &str, overlay: Ipv4Net) -> Result<Ipv4Net, ConfigError> {
+    fn subnet(
+        &self,
+        value: &Spanned<String>,
+        key: &str,
+        overlay: Ipv4Net,
+    ) -> Result<Ipv4Net, ConfigError> {
         let net = self.network(value, key)?;
         if !overlay.contains(&net) {
-            return Err(self.error(value.span(), key, format!("{net} is outside the overlay {overlay}")));
+            return Err(self.error(
+                value.span(),
+                key,
+                format!("{net} is outside the overlay {overlay}"),
+            ));
         }
         // A host needs its own address plus room for at least one more.
         if net.prefix_len() > 30 {
-            return Err(self.error(value.span(), key, format!("{net} is too small: use a /30 or larger block")));
+            return Err(self.error(
+                value.span(),
+                key,
+                format!("{net} is too small: use a /30 or larger block"),
+            ));
         }
         Ok(net)
     }
@@ -275,9 +325,20 @@ impl Validator<'_> {
     fn device(&self, value: &Spanned<String>) -> Result<String, ConfigError> {
         let d = value.get_ref();
         // Linux interface names: at most 15 bytes, no '/', no whitespace.
-        let ok = !d.is_empty() && d.len() <= 15 && d != "." && d != ".." && !d.contains(['/', ':']) && !d.chars().any(char::is_whitespace);
+        let ok = !d.is_empty()
+            && d.len() <= 15
+            && d != "."
+            && d != ".."
+            && !d.contains(['/', ':'])
+            && !d.chars().any(char::is_whitespace);
         if !ok {
-            return Err(self.error(value.span(), "device", format!("{d:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)")));
+            return Err(self.error(
+                value.span(),
+                "device",
+                format!(
+                    "{d:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+                ),
+            ));
         }
         Ok(d.clone())
     }
@@ -287,18 +348,33 @@ impl Validator<'_> {
         u16::try_from(m)
             .ok()
             .filter(|m| *m >= MIN_MTU)
-            .ok_or_else(|| self.error(value.span(), "mtu", format!("{m} is not a usable MTU ({MIN_MTU}-65535)")))
+            .ok_or_else(|| {
+                self.error(
+                    value.span(),
+                    "mtu",
+                    format!("{m} is not a usable MTU ({MIN_MTU}-65535)"),
+                )
+            })
     }
 
     fn keepalive(&self, value: &Spanned<i64>, key: &str) -> Result<Option<u16>, ConfigError> {
         match u16::try_from(*value.get_ref()) {
             Ok(0) => Ok(None),
             Ok(k) => Ok(Some(k)),
-            Err(_) => Err(self.error(value.span(), key, "keepalive is seconds from 0 (off) to 65535")),
+            Err(_) => Err(self.error(
+                value.span(),
+                key,
+                "keepalive is seconds from 0 (off) to 65535",
+            )),
         }
     }
 
-    fn peers(&self, raw: &[Spanned<RawPeer>], own: &Own, overlay: Ipv4Net) -> Result<Vec<PeerSpec>, ConfigError> {
+    fn peers(
+        &self,
+        raw: &[Spanned<RawPeer>],
+        own: &Own,
+        overlay: Ipv4Net,
+    ) -> Result<Vec<PeerSpec>, ConfigError> {
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut keys: HashMap<PublicKey, String> = HashMap::new();
         let mut peers: Vec<PeerSpec> = Vec::with_capacity(raw.len());
@@ -306,27 +382,68 @@ impl Validator<'_> {
             let name = self.name(&p.name, "peer.name")?;
             let at = |field: &str| format!("peer.{name}.{field}");
             if name == own.name || names.contains_key(&name) {
-                return Err(self.error(p.name.span(), "peer.name", format!("duplicate host name {name:?}")));
+                return Err(self.error(
+                    p.name.span(),
+                    "peer.name",
+                    format!("duplicate host name {name:?}"),
+                ));
             }
             names.insert(name.clone(), peers.len());
             let public_key = PublicKey::from_base64(p.public_key.get_ref())
                 .map_err(|e| self.error(p.public_key.span(), at("public_key"), e.to_string()))?;
             if public_key == own.key {
-                return Err(self.error(p.public_key.span(), at("public_key"), "this is this host's own public key; a host is not its own peer"));
+                return Err(self.error(
+                    p.public_key.span(),
+                    at("public_key"),
+                    "this is this host's own public key; a host is not its own peer",
+                ));
             }
             if let Some(other) = keys.insert(public_key, name.clone()) {
-                return Err(self.error(p.public_key.span(), at("public_key"), format!("same public key as peer {other:?}")));
+                return Err(self.error(
+                    p.public_key.span(),
+                    at("public_key"),
+                    format!("same public key as peer {other:?}"),
+                ));
             }
-            let endpoint = p.endpoint.as_ref().map(|e| self.socket_addr(e, &at("endpoint"))).transpose()?;
+            let endpoint = p
+                .endpoint
+                .as_ref()
+                .map(|e| self.socket_addr(e, &at("endpoint")))
+                .transpose()?;
             let subnet = self.subnet(&p.subnet, &at("subnet"), overlay)?;
             if subnet.contains(&own.subnet) || own.subnet.contains(&subnet) {
-                return Err(self.error(p.subnet.span(), at("subnet"), format!("{subnet} overlaps this host's subnet {}", own.subnet)));
+                return Err(self.error(
+                    p.subnet.span(),
+                    at("subnet"),
+                    format!("{subnet} overlaps this host's subnet {}", own.subnet),
+                ));
             }
-            if let Some(other) = peers.iter().find(|o| o.subnet.contains(&subnet) || subnet.contains(&o.subnet)) {
-                return Err(self.error(p.subnet.span(), at("subnet"), format!("{subnet} overlaps the subnet {} of peer {:?}", other.subnet, other.name)));
+            if let Some(other) = peers
+                .iter()
+                .find(|o| o.subnet.contains(&subnet) || subnet.contains(&o.subnet))
+            {
+                return Err(self.error(
+                    p.subnet.span(),
+                    at("subnet"),
+                    format!(
+                        "{subnet} overlaps the subnet {} of peer {:?}",
+                        other.subnet, other.name
+                    ),
+                ));
             }
-            let keepalive = p.keepalive.as_ref().map(|k| self.keepalive(k, &at("keepalive"))).transpose()?.flatten();
-            peers.push(PeerSpec { name, public_key, endpoint, subnet, keepalive });
+            let keepalive = p
+                .keepalive
+                .as_ref()
+                .map(|k| self.keepalive(k, &at("keepalive")))
+                .transpose()?
+                .flatten();
+            peers.push(PeerSpec {
+                name,
+                public_key,
+                endpoint,
+                subnet,
+                keepalive,
+            });
         }
         Ok(peers)
     }

@@ -15,8 +15,14 @@ impl Fixture {
         let key_path = dir.path().join("h1.key");
         std::fs::write(&key_path, own.to_base64()).unwrap();
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let peer_keys = (0..3).map(|_| PrivateKey::generate().public_key()).collect();
-        Self { dir, own, peer_keys }
+        let peer_keys = (0..3)
+            .map(|_| PrivateKey::generate().public_key())
+            .collect();
+        Self {
+            dir,
+            own,
+            peer_keys,
+        }
     }
 
     /// `{k0}`..`{k2}` stand for peer public keys, `{own}` for ours.
@@ -124,7 +130,10 @@ fn assert_at(e: &ConfigError, line: usize, key: &str, needle: &str) {
     assert!(e.message.contains(needle), "message lacks {needle:?}: {e}");
     assert!(e.file.ends_with("h1.toml"), "no file in: {e}");
     let shown = e.to_string();
-    assert!(shown.contains(&format!("h1.toml:{line}: {key}: ")), "display: {shown}");
+    assert!(
+        shown.contains(&format!("h1.toml:{line}: {key}: ")),
+        "display: {shown}"
+    );
 }
 
 #[test]
@@ -154,7 +163,12 @@ fn overlapping_peer_subnets_are_rejected() {
     let e = f.err(&with_peers(&format!(
         "{PEER2}\n[[peer]]\nname = \"h3\"\npublic_key = \"{{k1}}\"\nsubnet = \"10.42.2.128/25\"\n"
     )));
-    assert_at(&e, 14, "peer.h3.subnet", "overlaps the subnet 10.42.2.0/24 of peer \"h2\"");
+    assert_at(
+        &e,
+        14,
+        "peer.h3.subnet",
+        "overlaps the subnet 10.42.2.0/24 of peer \"h2\"",
+    );
 }
 
 #[test]
@@ -169,7 +183,9 @@ fn subnet_outside_overlay_is_rejected() {
     let f = Fixture::new();
     let e = f.err(&HEAD.replace("10.42.1.0/24", "10.43.1.0/24"));
     assert_at(&e, 3, "subnet", "outside the overlay 10.42.0.0/16");
-    let e = f.err(&with_peers(&PEER2.replace("10.42.2.0/24", "192.168.2.0/24")));
+    let e = f.err(&with_peers(
+        &PEER2.replace("10.42.2.0/24", "192.168.2.0/24"),
+    ));
     assert_at(&e, 9, "peer.h2.subnet", "outside the overlay");
 }
 
@@ -183,7 +199,9 @@ fn subnet_with_host_bits_suggests_the_network() {
 #[test]
 fn duplicate_peer_names_are_rejected() {
     let f = Fixture::new();
-    let dup = PEER2.replace("{k0}", "{k1}").replace("10.42.2.0/24", "10.42.3.0/24");
+    let dup = PEER2
+        .replace("{k0}", "{k1}")
+        .replace("10.42.2.0/24", "10.42.3.0/24");
     let e = f.err(&with_peers(&format!("{PEER2}{dup}")));
     assert_at(&e, 12, "peer.name", "duplicate host name \"h2\"");
 }
@@ -198,9 +216,16 @@ fn peer_named_like_this_host_is_rejected() {
 #[test]
 fn duplicate_peer_keys_are_rejected() {
     let f = Fixture::new();
-    let dup = PEER2.replace("\"h2\"", "\"h3\"").replace("10.42.2.0/24", "10.42.3.0/24");
+    let dup = PEER2
+        .replace("\"h2\"", "\"h3\"")
+        .replace("10.42.2.0/24", "10.42.3.0/24");
     let e = f.err(&with_peers(&format!("{PEER2}{dup}")));
-    assert_at(&e, 13, "peer.h3.public_key", "same public key as peer \"h2\"");
+    assert_at(
+        &e,
+        13,
+        "peer.h3.public_key",
+        "same public key as peer \"h2\"",
+    );
 }
 
 #[test]
@@ -251,15 +276,43 @@ fn missing_required_key_is_reported() {
 fn invalid_values_are_rejected() {
     let f = Fixture::new();
     let cases = [
-        (format!("{HEAD}mode = \"tap\"\n"), "mode", "not available yet"),
+        (
+            format!("{HEAD}mode = \"tap\"\n"),
+            "mode",
+            "not available yet",
+        ),
         (format!("{HEAD}mode = \"l2\"\n"), "mode", "unknown mode"),
         (format!("{HEAD}mtu = 100\n"), "mtu", "not a usable MTU"),
-        (format!("{HEAD}device = \"a/b\"\n"), "device", "not a valid interface name"),
-        (format!("{HEAD}device = \"abcdefghijklmnop\"\n"), "device", "not a valid interface name"),
-        (HEAD.replace("\"h1\"", "\"h 1\""), "name", "not a valid host name"),
-        (HEAD.replace("10.42.1.0/24", "10.42.1.0/31"), "subnet", "too small"),
-        (format!("{HEAD}overlay = \"10.42.0.0/33\"\n"), "overlay", "not an IPv4 network"),
-        (with_peers(&format!("{PEER2}keepalive = -1\n")), "peer.h2.keepalive", "keepalive"),
+        (
+            format!("{HEAD}device = \"a/b\"\n"),
+            "device",
+            "not a valid interface name",
+        ),
+        (
+            format!("{HEAD}device = \"abcdefghijklmnop\"\n"),
+            "device",
+            "not a valid interface name",
+        ),
+        (
+            HEAD.replace("\"h1\"", "\"h 1\""),
+            "name",
+            "not a valid host name",
+        ),
+        (
+            HEAD.replace("10.42.1.0/24", "10.42.1.0/31"),
+            "subnet",
+            "too small",
+        ),
+        (
+            format!("{HEAD}overlay = \"10.42.0.0/33\"\n"),
+            "overlay",
+            "not an IPv4 network",
+        ),
+        (
+            with_peers(&format!("{PEER2}keepalive = -1\n")),
+            "peer.h2.keepalive",
+            "keepalive",
+        ),
     ];
     for (text, key, needle) in cases {
         let e = f.err(&text);
@@ -272,12 +325,18 @@ fn invalid_values_are_rejected() {
 #[test]
 fn keepalive_zero_means_off() {
     let f = Fixture::new();
-    let c = f.parse(&with_peers(&format!("{PEER2}keepalive = 0\n"))).unwrap();
+    let c = f
+        .parse(&with_peers(&format!("{PEER2}keepalive = 0\n")))
+        .unwrap();
     assert_eq!(c.membership.peers[0].keepalive, None);
 }
 
 #[test]
 fn unreadable_config_names_the_file() {
     let e = load(Path::new("/nonexistent/meshd.toml")).unwrap_err();
-    assert!(e.to_string().starts_with("/nonexistent/meshd.toml: cannot read"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/meshd.toml: cannot read"),
+        "{e}"
+    );
 }

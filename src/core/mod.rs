@@ -1,0 +1,21 @@
+//! The sans-IO core: every decision about packets and peers.
+//!
+//! Inputs are bytes plus the current time; outputs are bytes placed in an
+//! [`Outbox`] for the shell to send. Must never: import tokio, open a
+//! socket or device, read the clock itself, or panic on network input.
+//! (boringtun's `Tunn` keeps its own protocol timers; everything meshnet
+//! decides is driven by the `now` passed in.)
+
+pub mod drops;
+pub mod liveness;
+pub mod node;
+pub mod outbox;
+pub mod packet;
+pub mod peer;
+pub mod route;
+
+pub use drops::{DropCounters, DropReason};
+pub use liveness::PeerState;
+pub use node::{Identity, Node};
+pub use outbox::Outbox;
+pub use peer::PeerStatus;

@@ -1,0 +1,329 @@
+//! The whole protocol state of one host: its identity, its peers, the
+//! overlay routes between them, and the drop counters.
+//!
+//! `Node` is owned by exactly one task. Every input is a method taking the
+//! current time and an [`Outbox`] to fill; nothing here blocks, allocates
+//! per packet in steady state, or takes a lock shared with other tasks
+//! (boringtun's rate limiter is atomics plus a once-a-second reset).
+//! Must never: do IO, or route a packet to anything but the peer that owns
+//! its destination.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::Ipv4Net;
+use tracing::{info, trace, warn};
+
+use super::outbox::{Outbox, Placed};
+use super::packet::{self, ICMP_ERROR_MAX};
+use super::peer::{Peer, PeerStatus};
+use super::route::RouteTable;
+use super::{DropCounters, DropReason, PeerState};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::membership::{self, Membership, PeerSpec};
+
+/// Handshakes per second answered before cookies are required; the value
+/// boringtun's own device uses.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// ICMP errors the agent originates per second, at most.
+const ICMP_ERRORS_PER_SECOND: u32 = 100;
+/// Session indices are 24 bits; boringtun uses the low 8 for rotation.
+const MAX_PEERS: usize = 1 << 24;
+
+/// Who this host is.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub private_key: PrivateKey,
+    pub subnet: Ipv4Net,
+}
+
+/// Host-level view for `meshctl status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSummary {
+    pub peers: usize,
+    pub up: usize,
+    pub connecting: usize,
+    pub down: usize,
+}
+
+pub struct Node {
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    subnet: Ipv4Net,
+    rate_limiter: Arc<RateLimiter>,
+    /// Slot = session index; freed slots are reused.
+    peers: Vec<Option<Peer>>,
+    free_slots: Vec<usize>,
+    by_key: HashMap<PublicKey, usize>,
+    routes: RouteTable<usize>,
+    drops: DropCounters,
+    icmp_budget: u32,
+    icmp_window: Instant,
+}
+
+impl Node {
+    pub fn new(identity: &Identity, now: Instant) -> Self {
+        let public_key = identity.private_key.public_key();
+        Self {
+            secret: identity.private_key.to_x25519(),
+            public: public_key.to_x25519(),
+            subnet: identity.subnet,
+            rate_limiter: Arc::new(RateLimiter::new(
+                &public_key.to_x25519(),
+                HANDSHAKE_RATE_LIMIT,
+            )),
+            peers: Vec::new(),
+            free_slots: Vec::new(),
+            by_key: HashMap::new(),
+            routes: RouteTable::default(),
+            drops: DropCounters::default(),
+            icmp_budget: ICMP_ERRORS_PER_SECOND,
+            icmp_window: now,
+        }
+    }
+
+    /// This host's overlay address.
+    pub fn address(&self) -> Ipv4Addr {
+        membership::host_address(self.subnet)
+    }
+
+    /// Makes the peer set equal to `membership`: new peers are added,
+    /// missing ones removed, changed ones updated (rebuilt when their key,
+    /// subnet or keepalive changed). Sessions of unchanged peers survive.
+    pub fn apply_membership(&mut self, membership: &Membership) {
+        let wanted: HashMap<PublicKey, &PeerSpec> =
+            membership.peers.iter().map(|p| (p.public_key, p)).collect();
+        let gone: Vec<PublicKey> = self
+            .by_key
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            self.remove_peer(key);
+        }
+        for spec in &membership.peers {
+            self.upsert_peer(spec);
+        }
+    }
+
+    /// A packet the host sent into the overlay device.
+    pub fn handle_device_packet(&mut self, now: Instant, packet: &[u8], out: &mut Outbox) {
+        let addrs = match packet::ipv4_addresses(packet) {
+            Ok(a) => a,
+            Err(reason) => return self.drop(reason),
+        };
+        if !self.subnet.contains(&addrs.source) {
+            return self.drop(DropReason::ForeignSource);
+        }
+        let Some(&slot) = self.routes.lookup(addrs.destination) else {
+            self.reply_unreachable(packet, out);
+            return self.drop(DropReason::NoRoute);
+        };
+        let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
+            return self.drop(DropReason::NoRoute);
+        };
+        if let Err(reason) = peer.send(now, packet, out) {
+            peer.count_drop();
+            self.drop(reason);
+        }
+    }
+
+    /// A datagram that arrived on the underlay socket.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut Outbox,
+    ) {
+        let slot = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => {
+                match self.initiator_of(from, datagram, &init, out) {
+                    Ok(Some(slot)) => slot,
+                    Ok(None) => return,
+                    Err(reason) => return self.drop(reason),
+                }
+            }
+            Ok(Packet::HandshakeResponse(m)) => slot_of_index(m.receiver_idx),
+            Ok(Packet::PacketCookieReply(m)) => slot_of_index(m.receiver_idx),
+            Ok(Packet::PacketData(m)) => slot_of_index(m.receiver_idx),
+            Err(_) => return self.drop(DropReason::InvalidDatagram),
+        };
+        let subnet = self.subnet;
+        let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
+            return self.drop(DropReason::UnknownIndex);
+        };
+        if let Err(reason) = peer.receive(now, from, datagram, subnet, out) {
+            peer.count_drop();
+            self.drop(reason);
+        }
+    }
+
+    /// Drives every peer's timers; call every 100-250 ms.
+    pub fn handle_timers(&mut self, now: Instant, out: &mut Outbox) {
+        self.rate_limiter.reset_count();
+        if now.saturating_duration_since(self.icmp_window) >= Duration::from_secs(1) {
+            self.icmp_window = now;
+            self.icmp_budget = ICMP_ERRORS_PER_SECOND;
+        }
+        for peer in self.peers.iter_mut().flatten() {
+            peer.tick(now, out);
+        }
+    }
+
+    pub fn peer_statuses(&self, now: Instant) -> Vec<PeerStatus> {
+        self.peers.iter().flatten().map(|p| p.status(now)).collect()
+    }
+
+    pub fn summary(&self, now: Instant) -> NodeSummary {
+        let mut s = NodeSummary {
+            peers: 0,
+            up: 0,
+            connecting: 0,
+            down: 0,
+        };
+        for peer in self.peers.iter().flatten() {
+            s.peers += 1;
+            match peer.state(now) {
+                PeerState::Up => s.up += 1,
+                PeerState::Connecting => s.connecting += 1,
+                PeerState::Down => s.down += 1,
+            }
+        }
+        s
+    }
+
+    pub fn drops(&self) -> &DropCounters {
+        &self.drops
+    }
+
+    /// Counts a drop the shell saw (a failed send or write).
+    pub fn count_io_drop(&mut self) {
+        self.drop(DropReason::IoError);
+    }
+
+    fn drop(&mut self, reason: DropReason) {
+        trace!(reason = reason.as_str(), "drop");
+        self.drops.count(reason);
+    }
+
+    /// Finds which peer sent a handshake initiation. Runs the MAC check and
+    /// load-based cookie logic first, so the expensive Diffie-Hellman of
+    /// identifying the sender is only done for well-formed messages.
+    fn initiator_of(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        init: &boringtun::noise::HandshakeInit<'_>,
+        out: &mut Outbox,
+    ) -> Result<Option<usize>, DropReason> {
+        let room = out.spare(ICMP_ERROR_MAX);
+        let start = room.as_ptr();
+        match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, room)
+        {
+            Ok(_) => {}
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let placed = Placed::within(start, cookie);
+                out.commit_network(from, placed);
+                return Ok(None);
+            }
+            Err(_) => return Err(DropReason::Rejected),
+        }
+        let half = parse_handshake_anon(&self.secret, &self.public, init)
+            .map_err(|_| DropReason::Rejected)?;
+        let key = PublicKey::from(half.peer_static_public);
+        self.by_key
+            .get(&key)
+            .copied()
+            .map(Some)
+            .ok_or(DropReason::UnknownPeer)
+    }
+
+    fn reply_unreachable(&mut self, packet: &[u8], out: &mut Outbox) {
+        if self.icmp_budget == 0 {
+            return;
+        }
+        let room = out.spare(ICMP_ERROR_MAX);
+        let start = room.as_ptr();
+        if let Some(len) = packet::host_unreachable(packet, room) {
+            let placed = Placed::within(start, &room[..len]);
+            self.icmp_budget -= 1;
+            out.commit_device(placed);
+        }
+    }
+
+    fn upsert_peer(&mut self, spec: &PeerSpec) {
+        if let Some(&slot) = self.by_key.get(&spec.public_key) {
+            let Some(peer) = self.peers[slot].as_mut() else {
+                return;
+            };
+            let old = peer.spec();
+            if old.subnet == spec.subnet && old.keepalive == spec.keepalive {
+                peer.update_spec(spec.clone());
+                return;
+            }
+            self.remove_peer(spec.public_key);
+        }
+        self.add_peer(spec);
+    }
+
+    fn add_peer(&mut self, spec: &PeerSpec) {
+        if spec.subnet.contains(&self.subnet) || self.subnet.contains(&spec.subnet) {
+            warn!(peer = %spec.name, subnet = %spec.subnet, "peer subnet overlaps ours; peer ignored");
+            return;
+        }
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None if self.peers.len() < MAX_PEERS => {
+                self.peers.push(None);
+                self.peers.len() - 1
+            }
+            None => {
+                warn!(peer = %spec.name, "too many peers; peer ignored");
+                return;
+            }
+        };
+        if let Err(e) = self.routes.insert(spec.subnet, slot) {
+            warn!(peer = %spec.name, error = %e, "peer ignored");
+            self.free_slots.push(slot);
+            return;
+        }
+        let index = u32::try_from(slot).expect("slots are below 2^24");
+        self.peers[slot] = Some(Peer::new(
+            spec.clone(),
+            self.secret.clone(),
+            index,
+            self.rate_limiter.clone(),
+        ));
+        self.by_key.insert(spec.public_key, slot);
+        info!(peer = %spec.name, subnet = %spec.subnet, endpoint = ?spec.endpoint, "peer added");
+    }
+
+    fn remove_peer(&mut self, key: PublicKey) {
+        let Some(slot) = self.by_key.remove(&key) else {
+            return;
+        };
+        if let Some(peer) = self.peers[slot].take() {
+            self.routes.remove(peer.spec().subnet);
+            info!(peer = %peer.spec().name, "peer removed");
+        }
+        self.free_slots.push(slot);
+    }
+}
+
+fn slot_of_index(receiver_index: u32) -> usize {
+    (receiver_index >> 8) as usize
+}
+
+#[cfg(test)]
+mod tests;

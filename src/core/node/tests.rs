@@ -1,0 +1,454 @@
+//! Several nodes against each other in memory: real WireGuard handshakes and
+//! encryption, a simulated underlay, and time passed in explicitly.
+
+use std::collections::HashSet;
+
+use etherparse::PacketBuilder;
+
+use super::*;
+
+struct Host {
+    node: Node,
+    addr: SocketAddr,
+    out: Outbox,
+    /// Packets the node wrote to its device.
+    delivered: Vec<Vec<u8>>,
+}
+
+struct Sim {
+    hosts: Vec<Host>,
+    dead: HashSet<usize>,
+    now: Instant,
+    /// Every datagram that crossed the underlay, for leak checks.
+    wire: Vec<Vec<u8>>,
+}
+
+struct HostDef {
+    key: PrivateKey,
+    subnet: &'static str,
+    addr: &'static str,
+}
+
+fn def(subnet: &'static str, addr: &'static str) -> HostDef {
+    HostDef {
+        key: PrivateKey::generate(),
+        subnet,
+        addr,
+    }
+}
+
+fn spec(name: &str, d: &HostDef, with_endpoint: bool, keepalive: Option<u16>) -> PeerSpec {
+    PeerSpec {
+        name: name.to_owned(),
+        public_key: d.key.public_key(),
+        endpoint: with_endpoint.then(|| d.addr.parse().unwrap()),
+        subnet: d.subnet.parse().unwrap(),
+        keepalive,
+    }
+}
+
+impl Sim {
+    /// A full mesh where every host knows every other's endpoint.
+    fn mesh(defs: &[HostDef], keepalive: Option<u16>) -> Self {
+        let now = Instant::now();
+        let hosts = defs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let identity = Identity {
+                    name: format!("h{i}"),
+                    private_key: d.key.clone(),
+                    subnet: d.subnet.parse().unwrap(),
+                };
+                let mut node = Node::new(&identity, now);
+                let peers = defs
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(j, o)| spec(&format!("h{j}"), o, true, keepalive))
+                    .collect();
+                node.apply_membership(&Membership { peers });
+                Host {
+                    node,
+                    addr: d.addr.parse().unwrap(),
+                    out: Outbox::default(),
+                    delivered: Vec::new(),
+                }
+            })
+            .collect();
+        Self {
+            hosts,
+            dead: HashSet::new(),
+            now,
+            wire: Vec::new(),
+        }
+    }
+
+    fn send_from_device(&mut self, host: usize, packet: &[u8]) {
+        let h = &mut self.hosts[host];
+        h.node.handle_device_packet(self.now, packet, &mut h.out);
+    }
+
+    fn tick(&mut self) {
+        for h in &mut self.hosts {
+            h.node.handle_timers(self.now, &mut h.out);
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+    }
+
+    /// Moves datagrams until the network is quiet (bounded).
+    fn run(&mut self) {
+        for _ in 0..50 {
+            let mut in_flight = Vec::new();
+            for (i, h) in self.hosts.iter_mut().enumerate() {
+                in_flight.extend(h.out.network().map(|(to, d)| (i, to, d.to_vec())));
+                h.delivered.extend(h.out.device().map(<[u8]>::to_vec));
+                h.out.clear();
+            }
+            if in_flight.is_empty() {
+                return;
+            }
+            for (from, to, datagram) in in_flight {
+                self.wire.push(datagram.clone());
+                let from_addr = self.hosts[from].addr;
+                let Some(dst) = self.hosts.iter().position(|h| h.addr == to) else {
+                    continue;
+                };
+                if self.dead.contains(&dst) || self.dead.contains(&from) {
+                    continue;
+                }
+                let h = &mut self.hosts[dst];
+                h.node
+                    .handle_datagram(self.now, from_addr, &datagram, &mut h.out);
+            }
+        }
+        panic!("network did not settle");
+    }
+
+    fn status(&self, host: usize, peer: &str) -> PeerStatus {
+        self.hosts[host]
+            .node
+            .peer_statuses(self.now)
+            .into_iter()
+            .find(|p| p.name == peer)
+            .unwrap()
+    }
+}
+
+fn icmp_echo(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+fn three_hosts() -> Vec<HostDef> {
+    vec![
+        def("10.42.1.0/24", "192.0.2.1:51820"),
+        def("10.42.2.0/24", "192.0.2.2:51820"),
+        def("10.42.3.0/24", "192.0.2.3:51820"),
+    ]
+}
+
+#[test]
+fn eager_handshakes_bring_the_full_mesh_up() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    sim.tick();
+    sim.run();
+    for (host, peers) in [(0, ["h1", "h2"]), (1, ["h0", "h2"]), (2, ["h0", "h1"])] {
+        for peer in peers {
+            let s = sim.status(host, peer);
+            assert_eq!(s.state, PeerState::Up, "h{host} -> {peer}: {s:?}");
+            assert_eq!(s.last_handshake_secs_ago, Some(0));
+        }
+    }
+}
+
+#[test]
+fn packets_cross_the_mesh_intact_and_only_to_their_owner() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    let ping = icmp_echo([10, 42, 1, 1], [10, 42, 3, 1], b"payload-0123456789");
+    // Sent before any handshake: queued, then drained once it completes.
+    sim.send_from_device(0, &ping);
+    sim.run();
+    assert_eq!(sim.hosts[2].delivered, vec![ping.clone()]);
+    assert!(sim.hosts[1].delivered.is_empty());
+    let s = sim.status(0, "h2");
+    assert_eq!(s.tx_packets, 1);
+    assert_eq!(s.tx_bytes, ping.len() as u64);
+    assert_eq!(sim.status(2, "h0").rx_packets, 1);
+    assert!(
+        !sim.wire
+            .iter()
+            .any(|d| d.windows(18).any(|w| w == b"payload-0123456789")),
+        "payload crossed the underlay in clear"
+    );
+}
+
+#[test]
+fn several_packets_queued_behind_a_handshake_all_arrive_in_order() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    let packets: Vec<_> = (0..5u8)
+        .map(|i| icmp_echo([10, 42, 1, 1], [10, 42, 2, 1], &[i; 32]))
+        .collect();
+    for p in &packets {
+        sim.send_from_device(0, p);
+    }
+    sim.run();
+    assert_eq!(sim.hosts[1].delivered, packets);
+}
+
+#[test]
+fn unowned_destination_gets_icmp_and_never_reaches_the_network() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    let ping = icmp_echo([10, 42, 1, 1], [10, 42, 99, 1], b"x");
+    sim.send_from_device(0, &ping);
+    let h = &sim.hosts[0];
+    assert_eq!(h.out.network().len(), 0);
+    let icmp: Vec<_> = h.out.device().map(<[u8]>::to_vec).collect();
+    assert_eq!(icmp.len(), 1);
+    assert_eq!(icmp[0][9], 1, "protocol is ICMP");
+    assert_eq!(icmp[0][20], 3, "destination unreachable");
+    assert_eq!(&icmp[0][16..20], &[10, 42, 1, 1]);
+    assert_eq!(h.node.drops().get(DropReason::NoRoute), 1);
+}
+
+#[test]
+fn icmp_errors_are_rate_limited() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    let ping = icmp_echo([10, 42, 1, 1], [10, 42, 99, 1], b"x");
+    for _ in 0..ICMP_ERRORS_PER_SECOND + 50 {
+        sim.send_from_device(0, &ping);
+    }
+    assert_eq!(
+        sim.hosts[0].out.device().len(),
+        ICMP_ERRORS_PER_SECOND as usize
+    );
+    assert_eq!(
+        sim.hosts[0].node.drops().get(DropReason::NoRoute),
+        u64::from(ICMP_ERRORS_PER_SECOND) + 50
+    );
+}
+
+#[test]
+fn device_packets_from_foreign_sources_or_not_ipv4_are_dropped() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    sim.send_from_device(0, &icmp_echo([192, 0, 2, 1], [10, 42, 2, 1], b"x"));
+    sim.send_from_device(0, &[0x60; 48]);
+    sim.send_from_device(0, &[0x45, 0]);
+    let h = &sim.hosts[0];
+    assert!(h.out.is_empty());
+    assert_eq!(h.node.drops().get(DropReason::ForeignSource), 1);
+    assert_eq!(h.node.drops().get(DropReason::NotIpv4), 1);
+    assert_eq!(h.node.drops().get(DropReason::Malformed), 1);
+}
+
+/// h1 owns 10.42.1.0/24, but h0 believes h1 owns 10.42.2.0/24.
+fn mismatched_pair() -> Sim {
+    let defs = vec![
+        def("10.42.0.0/24", "192.0.2.1:51820"),
+        def("10.42.1.0/24", "192.0.2.2:51820"),
+    ];
+    let mut sim = Sim::mesh(&defs, None);
+    let mut wrong_h1 = spec("h1", &defs[1], true, None);
+    wrong_h1.subnet = "10.42.2.0/24".parse().unwrap();
+    sim.hosts[0].node.apply_membership(&Membership {
+        peers: vec![wrong_h1],
+    });
+    sim
+}
+
+#[test]
+fn decrypted_packet_from_outside_the_senders_subnet_is_dropped() {
+    let mut sim = mismatched_pair();
+    sim.send_from_device(1, &icmp_echo([10, 42, 1, 1], [10, 42, 0, 1], b"spoof"));
+    sim.run();
+    assert!(sim.hosts[0].delivered.is_empty());
+    assert_eq!(
+        sim.hosts[0].node.drops().get(DropReason::CryptokeyMismatch),
+        1
+    );
+    assert_eq!(sim.status(0, "h1").dropped, 1);
+}
+
+#[test]
+fn decrypted_packet_for_another_subnet_is_dropped() {
+    let defs = vec![
+        def("10.42.0.0/24", "192.0.2.1:51820"),
+        def("10.42.1.0/24", "192.0.2.2:51820"),
+    ];
+    let mut sim = Sim::mesh(&defs, None);
+    // h1 believes h0 owns a /22 reaching beyond h0's own /24.
+    let mut wide_h0 = spec("h0", &defs[0], true, None);
+    wide_h0.subnet = "10.42.4.0/22".parse().unwrap();
+    sim.hosts[1].node.apply_membership(&Membership {
+        peers: vec![wide_h0],
+    });
+    sim.send_from_device(1, &icmp_echo([10, 42, 1, 1], [10, 42, 5, 1], b"x"));
+    sim.run();
+    assert!(sim.hosts[0].delivered.is_empty());
+    assert_eq!(sim.hosts[0].node.drops().get(DropReason::NotForUs), 1);
+}
+
+#[test]
+fn handshake_from_an_unknown_key_is_dropped_silently() {
+    let defs = three_hosts();
+    let mut sim = Sim::mesh(&defs, None);
+    // h2 forgets about h0's peers list: h0 does not know h2 at all.
+    let known = spec("h1", &defs[1], true, None);
+    sim.hosts[0]
+        .node
+        .apply_membership(&Membership { peers: vec![known] });
+    sim.send_from_device(2, &icmp_echo([10, 42, 3, 1], [10, 42, 1, 1], b"x"));
+    sim.run();
+    assert!(sim.hosts[0].node.drops().get(DropReason::UnknownPeer) >= 1);
+    assert_eq!(sim.status(2, "h0").state, PeerState::Connecting);
+    assert!(sim.hosts[0].delivered.is_empty());
+}
+
+#[test]
+fn garbage_and_tampered_datagrams_are_counted_not_delivered() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    sim.tick();
+    sim.run();
+    let from: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+    let h = &mut sim.hosts[0];
+    h.node
+        .handle_datagram(sim.now, from, b"\x04junk", &mut h.out);
+    h.node.handle_datagram(sim.now, from, &[], &mut h.out);
+    assert_eq!(h.node.drops().get(DropReason::InvalidDatagram), 2);
+
+    // A real data message with one flipped ciphertext bit.
+    let ping = icmp_echo([10, 42, 2, 1], [10, 42, 1, 1], b"x");
+    sim.send_from_device(1, &ping);
+    let mut datagram = sim.hosts[1].out.network().next().unwrap().1.to_vec();
+    sim.hosts[1].out.clear();
+    datagram[20] ^= 1;
+    let h = &mut sim.hosts[0];
+    h.node.handle_datagram(sim.now, from, &datagram, &mut h.out);
+    assert!(h.out.is_empty());
+    assert_eq!(h.node.drops().get(DropReason::Rejected), 1);
+    // A replay of a genuine message is rejected too.
+    datagram[20] ^= 1;
+    h.node.handle_datagram(sim.now, from, &datagram, &mut h.out);
+    assert_eq!(h.out.device().len(), 1);
+    h.out.clear();
+    h.node.handle_datagram(sim.now, from, &datagram, &mut h.out);
+    assert!(h.out.is_empty());
+    assert_eq!(h.node.drops().get(DropReason::Rejected), 2);
+}
+
+#[test]
+fn endpoint_roams_to_the_source_of_authenticated_packets() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    sim.tick();
+    sim.run();
+    let moved: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    sim.hosts[1].addr = moved;
+    sim.send_from_device(1, &icmp_echo([10, 42, 2, 1], [10, 42, 1, 1], b"x"));
+    sim.run();
+    assert_eq!(sim.status(0, "h1").endpoint, Some(moved));
+    // Replies now go to the new address.
+    sim.send_from_device(0, &icmp_echo([10, 42, 1, 1], [10, 42, 2, 1], b"y"));
+    assert_eq!(sim.hosts[0].out.network().next().unwrap().0, moved);
+}
+
+#[test]
+fn peer_without_endpoint_waits_then_learns_it() {
+    let defs = vec![
+        def("10.42.1.0/24", "192.0.2.1:51820"),
+        def("10.42.2.0/24", "192.0.2.2:51820"),
+    ];
+    let mut sim = Sim::mesh(&defs, None);
+    // Re-applying a spec without endpoint keeps a known one, so start over.
+    sim.hosts[0].node.apply_membership(&Membership::default());
+    sim.hosts[0].node.apply_membership(&Membership {
+        peers: vec![spec("h1", &defs[1], false, None)],
+    });
+    let ping = icmp_echo([10, 42, 1, 1], [10, 42, 2, 1], b"x");
+    sim.send_from_device(0, &ping);
+    assert_eq!(sim.hosts[0].node.drops().get(DropReason::NoEndpoint), 1);
+    assert!(sim.hosts[0].out.network().len() == 0);
+    sim.hosts[0].out.clear();
+    assert_eq!(sim.status(0, "h1").state, PeerState::Down);
+    sim.tick();
+    sim.run();
+    assert_eq!(
+        sim.status(0, "h1").endpoint,
+        Some(defs[1].addr.parse().unwrap())
+    );
+    assert_eq!(sim.status(0, "h1").state, PeerState::Up);
+    sim.send_from_device(0, &ping);
+    sim.run();
+    assert_eq!(sim.hosts[1].delivered, vec![ping]);
+}
+
+#[test]
+fn silent_peer_goes_down_and_a_restarted_peer_comes_back_up() {
+    let defs = three_hosts();
+    let mut sim = Sim::mesh(&defs, Some(2));
+    sim.tick();
+    sim.run();
+    assert_eq!(sim.status(0, "h2").state, PeerState::Up);
+    sim.dead.insert(2);
+    sim.advance(Duration::from_secs(10));
+    sim.tick();
+    sim.run();
+    let s = sim.status(0, "h2");
+    assert_ne!(s.state, PeerState::Up, "{s:?}");
+    assert_eq!(
+        sim.status(0, "h1").state,
+        PeerState::Up,
+        "other tunnels are untouched"
+    );
+
+    // h2's agent restarts: same key and config, fresh state.
+    sim.dead.clear();
+    let fresh = Sim::mesh(&defs, Some(2));
+    sim.hosts[2].node = fresh.hosts.into_iter().nth(2).unwrap().node;
+    sim.tick();
+    sim.run();
+    let s = sim.status(0, "h2");
+    assert_eq!(s.state, PeerState::Up, "{s:?}");
+    let ping = icmp_echo([10, 42, 1, 1], [10, 42, 3, 1], b"back");
+    sim.send_from_device(0, &ping);
+    sim.run();
+    assert_eq!(sim.hosts[2].delivered, vec![ping]);
+}
+
+#[test]
+fn membership_changes_add_remove_and_keep_sessions() {
+    let defs = three_hosts();
+    let mut sim = Sim::mesh(&defs, None);
+    sim.tick();
+    sim.run();
+    let node = &mut sim.hosts[0].node;
+    node.apply_membership(&Membership {
+        peers: vec![spec("h1", &defs[1], true, None)],
+    });
+    assert_eq!(node.summary(sim.now).peers, 1);
+    assert_eq!(
+        sim.status(0, "h1").state,
+        PeerState::Up,
+        "unchanged peer keeps its session"
+    );
+    sim.send_from_device(0, &icmp_echo([10, 42, 1, 1], [10, 42, 3, 1], b"x"));
+    assert_eq!(sim.hosts[0].node.drops().get(DropReason::NoRoute), 1);
+    sim.hosts[0].out.clear();
+    let both = vec![
+        spec("h1", &defs[1], true, None),
+        spec("h2", &defs[2], true, None),
+    ];
+    sim.hosts[0]
+        .node
+        .apply_membership(&Membership { peers: both });
+    let ping = icmp_echo([10, 42, 1, 1], [10, 42, 3, 1], b"again");
+    sim.send_from_device(0, &ping);
+    sim.run();
+    assert_eq!(sim.hosts[2].delivered, vec![ping]);
+}

@@ -1,0 +1,323 @@
+//! One remote host: its WireGuard session, endpoint, liveness and counters.
+//!
+//! Wraps boringtun's `noise::Tunn` and adds what the protocol library leaves
+//! to its user: the cryptokey check on decrypted packets, endpoint roaming,
+//! draining packets queued behind a handshake, and the operator-visible
+//! state. Must never: pass a decrypted packet on without the cryptokey
+//! check, or log per packet above trace level.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use tracing::{info, trace};
+
+use super::DropReason;
+use super::liveness::{Liveness, PeerState};
+use super::outbox::{MAX_PACKET, Outbox, Placed};
+use crate::keys::PublicKey;
+use crate::membership::PeerSpec;
+
+/// WireGuard message types (first byte of every message).
+const MSG_INITIATION: u8 = 1;
+const MSG_RESPONSE: u8 = 2;
+const MSG_COOKIE: u8 = 3;
+/// Room boringtun requires for any message it writes.
+const MIN_ROOM: usize = 148;
+/// Data message overhead: header 16 + tag 16.
+pub const WG_OVERHEAD: usize = 32;
+/// Upper bound on packets drained after one handshake (boringtun queues
+/// at most 256).
+const MAX_DRAIN: usize = 257;
+
+/// What an operator sees of a peer (`meshctl peers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub subnet: Ipv4Net,
+    pub state: PeerState,
+    pub last_handshake_secs_ago: Option<u64>,
+    /// Inner bytes received and sent, as `wg show` counts transfer.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Packets from or for this peer that were dropped.
+    pub dropped: u64,
+    pub keepalive: Option<u16>,
+}
+
+pub(crate) struct Peer {
+    spec: PeerSpec,
+    endpoint: Option<SocketAddr>,
+    tunn: Tunn,
+    liveness: Liveness,
+    reported: PeerState,
+    rx_packets: u64,
+    tx_packets: u64,
+    dropped: u64,
+    span: tracing::Span,
+}
+
+impl Peer {
+    pub(crate) fn new(
+        spec: PeerSpec,
+        secret: x25519::StaticSecret,
+        index: u32,
+        rate_limiter: Arc<RateLimiter>,
+    ) -> Self {
+        let tunn = Tunn::new(
+            secret,
+            spec.public_key.to_x25519(),
+            None,
+            spec.keepalive,
+            index,
+            Some(rate_limiter),
+        );
+        let span = tracing::info_span!("peer", name = %spec.name);
+        Self {
+            endpoint: spec.endpoint,
+            liveness: Liveness::new(spec.keepalive),
+            spec,
+            tunn,
+            reported: PeerState::Down,
+            rx_packets: 0,
+            tx_packets: 0,
+            dropped: 0,
+            span,
+        }
+    }
+
+    pub(crate) fn spec(&self) -> &PeerSpec {
+        &self.spec
+    }
+
+    /// Takes a changed spec that keeps key, subnet and keepalive (the
+    /// caller rebuilds the peer otherwise).
+    pub(crate) fn update_spec(&mut self, spec: PeerSpec) {
+        if spec.endpoint.is_some() && spec.endpoint != self.spec.endpoint {
+            self.endpoint = spec.endpoint;
+        }
+        self.spec = spec;
+    }
+
+    pub(crate) fn count_drop(&mut self) {
+        self.dropped += 1;
+    }
+
+    /// Encrypts a packet from the device and queues it for the peer.
+    pub(crate) fn send(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        out: &mut Outbox,
+    ) -> Result<(), DropReason> {
+        let Some(to) = self.endpoint else {
+            return Err(DropReason::NoEndpoint);
+        };
+        let room = out.spare((packet.len() + WG_OVERHEAD).max(MIN_ROOM));
+        let start = room.as_ptr();
+        match self.tunn.encapsulate(packet, room) {
+            TunnResult::WriteToNetwork(msg) => {
+                let is_initiation = msg.first() == Some(&MSG_INITIATION);
+                let placed = Placed::within(start, msg);
+                if is_initiation {
+                    // The packet waits in boringtun's queue for the session.
+                    self.liveness.on_initiation_sent(now);
+                } else {
+                    self.tx_packets += 1;
+                }
+                out.commit_network(to, placed);
+                Ok(())
+            }
+            // Queued behind a handshake already under way.
+            TunnResult::Done => Ok(()),
+            TunnResult::Err(_)
+            | TunnResult::WriteToTunnelV4(..)
+            | TunnResult::WriteToTunnelV6(..) => Err(DropReason::Rejected),
+        }
+    }
+
+    /// Handles a datagram routed to this peer; decrypted packets for this
+    /// host go to the device.
+    pub(crate) fn receive(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        host_subnet: Ipv4Net,
+        out: &mut Outbox,
+    ) -> Result<(), DropReason> {
+        let kind = datagram.first().copied().unwrap_or(0);
+        let room = out.spare(datagram.len().max(MIN_ROOM));
+        let start = room.as_ptr();
+        match self.tunn.decapsulate(Some(from.ip()), datagram, room) {
+            TunnResult::WriteToNetwork(reply) => {
+                let is_cookie = reply.first() == Some(&MSG_COOKIE);
+                let placed = Placed::within(start, reply);
+                out.commit_network(from, placed);
+                // A cookie reply means we are under load and the sender has
+                // not proven its address yet: nothing is authenticated.
+                if !is_cookie {
+                    self.authenticated(now, from, kind);
+                    self.drain_queue(out);
+                }
+                Ok(())
+            }
+            TunnResult::WriteToTunnelV4(packet, source) => {
+                let destination = packet
+                    .get(16..20)
+                    .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]));
+                let placed = Placed::within(start, packet);
+                self.authenticated(now, from, kind);
+                if !self.spec.subnet.contains(&source) {
+                    return Err(DropReason::CryptokeyMismatch);
+                }
+                if !destination.is_some_and(|d| host_subnet.contains(&d)) {
+                    return Err(DropReason::NotForUs);
+                }
+                self.rx_packets += 1;
+                out.commit_device(placed);
+                Ok(())
+            }
+            TunnResult::WriteToTunnelV6(..) => {
+                self.authenticated(now, from, kind);
+                Err(DropReason::NotIpv4)
+            }
+            TunnResult::Done => {
+                // A keepalive (authenticated) or a consumed cookie reply.
+                if kind != MSG_COOKIE {
+                    self.authenticated(now, from, kind);
+                }
+                Ok(())
+            }
+            TunnResult::Err(e) => {
+                trace!(parent: &self.span, error = ?e, "rejected datagram");
+                Err(DropReason::Rejected)
+            }
+        }
+    }
+
+    /// Drives the protocol timers and meshd's own reconnect policy; call
+    /// every 100-250 ms.
+    pub(crate) fn tick(&mut self, now: Instant, out: &mut Outbox) {
+        let room = out.spare(MIN_ROOM);
+        let start = room.as_ptr();
+        match self.tunn.update_timers(room) {
+            TunnResult::WriteToNetwork(msg) => {
+                let is_initiation = msg.first() == Some(&MSG_INITIATION);
+                let placed = Placed::within(start, msg);
+                if let Some(to) = self.endpoint {
+                    if is_initiation {
+                        self.liveness.on_initiation_sent(now);
+                    }
+                    out.commit_network(to, placed);
+                }
+            }
+            TunnResult::Err(WireGuardError::ConnectionExpired) => self.liveness.on_expired(now),
+            TunnResult::Err(e) => trace!(parent: &self.span, error = ?e, "timer error"),
+            TunnResult::Done
+            | TunnResult::WriteToTunnelV4(..)
+            | TunnResult::WriteToTunnelV6(..) => {}
+        }
+        let has_session = self.has_session();
+        if self.endpoint.is_some() && self.liveness.wants_handshake(now, has_session) {
+            self.initiate(now, out);
+        }
+        self.report_state_change(now);
+    }
+
+    pub(crate) fn status(&self, now: Instant) -> PeerStatus {
+        let (_, tx_bytes, rx_bytes, _, _) = self.tunn.stats();
+        PeerStatus {
+            name: self.spec.name.clone(),
+            public_key: self.spec.public_key,
+            endpoint: self.endpoint,
+            subnet: self.spec.subnet,
+            state: self.state(now),
+            last_handshake_secs_ago: self
+                .liveness
+                .last_handshake()
+                .map(|t| now.saturating_duration_since(t).as_secs()),
+            rx_bytes: rx_bytes as u64,
+            tx_bytes: tx_bytes as u64,
+            rx_packets: self.rx_packets,
+            tx_packets: self.tx_packets,
+            dropped: self.dropped,
+            keepalive: self.spec.keepalive,
+        }
+    }
+
+    pub(crate) fn state(&self, now: Instant) -> PeerState {
+        self.liveness.state(now, self.has_session())
+    }
+
+    fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
+
+    fn initiate(&mut self, now: Instant, out: &mut Outbox) {
+        let Some(to) = self.endpoint else { return };
+        let room = out.spare(MIN_ROOM);
+        let start = room.as_ptr();
+        if let TunnResult::WriteToNetwork(msg) = self.tunn.format_handshake_initiation(room, false)
+        {
+            let placed = Placed::within(start, msg);
+            self.liveness.on_initiation_sent(now);
+            out.commit_network(to, placed);
+        }
+    }
+
+    fn authenticated(&mut self, now: Instant, from: SocketAddr, kind: u8) {
+        self.liveness.on_authenticated(now);
+        if kind == MSG_INITIATION || kind == MSG_RESPONSE {
+            self.liveness.on_handshake(now);
+        }
+        if self.endpoint != Some(from) {
+            info!(parent: &self.span, endpoint = %from, previous = ?self.endpoint, "endpoint changed");
+            self.endpoint = Some(from);
+        }
+        self.report_state_change(now);
+    }
+
+    /// Sends what boringtun queued while the handshake was under way.
+    fn drain_queue(&mut self, out: &mut Outbox) {
+        let Some(to) = self.endpoint else { return };
+        for _ in 0..MAX_DRAIN {
+            let room = out.spare(MAX_PACKET);
+            let start = room.as_ptr();
+            let TunnResult::WriteToNetwork(msg) = self.tunn.decapsulate(None, &[], room) else {
+                break;
+            };
+            if msg.len() > WG_OVERHEAD {
+                self.tx_packets += 1;
+            }
+            let placed = Placed::within(start, msg);
+            out.commit_network(to, placed);
+        }
+    }
+
+    fn report_state_change(&mut self, now: Instant) {
+        let state = self.state(now);
+        if state == self.reported {
+            return;
+        }
+        info!(
+            parent: &self.span,
+            from = self.reported.as_str(),
+            to = state.as_str(),
+            endpoint = ?self.endpoint,
+            "tunnel {}",
+            state.as_str()
+        );
+        self.reported = state;
+    }
+}
