@@ -6,7 +6,10 @@
 //! UDP socket and the core; `control` is the protocol `meshctl` speaks to
 //! the agent. The binaries only parse arguments and call in.
 
+pub mod agent;
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod keys;
 pub mod membership;
+pub mod report;

@@ -73,17 +73,28 @@ impl Liveness {
         self.attempt_since.get_or_insert(now);
     }
 
-    /// A handshake completed: we answered a valid initiation or accepted a
-    /// response.
-    pub fn on_handshake(&mut self, now: Instant) {
+    /// The peer accepted our initiation: the tunnel works.
+    pub fn on_response(&mut self, now: Instant) {
         self.last_handshake = Some(now);
         self.attempt_since = None;
         self.gave_up_at = None;
     }
 
+    /// We answered the peer's initiation. Our own attempt, if any, is not
+    /// over: the session becomes usable only once the peer sends data on it.
+    pub fn on_initiation_answered(&mut self, now: Instant) {
+        self.last_handshake = Some(now);
+        self.gave_up_at = None;
+    }
+
     /// Any authenticated message arrived (data, keepalive, handshake).
-    pub fn on_authenticated(&mut self, now: Instant) {
+    /// Data on a usable session proves the tunnel works both ways.
+    pub fn on_authenticated(&mut self, now: Instant, is_data: bool, has_session: bool) {
         self.last_rx = Some(now);
+        if is_data && has_session {
+            self.attempt_since = None;
+            self.gave_up_at = None;
+        }
     }
 
     /// The protocol gave up on the peer (no answer within 90 s, or no new
@@ -157,8 +168,8 @@ mod tests {
         l.on_initiation_sent(t0);
         assert_eq!(l.state(t0, false), PeerState::Connecting);
         assert!(!l.wants_handshake(t0, false));
-        l.on_handshake(t0 + S);
-        l.on_authenticated(t0 + S);
+        l.on_response(t0 + S);
+        l.on_authenticated(t0 + S, false, true);
         assert_eq!(l.state(t0 + S, true), PeerState::Up);
         assert!(!l.wants_handshake(t0 + S, true));
         assert_eq!(l.last_handshake(), Some(t0 + S));
@@ -168,12 +179,12 @@ mod tests {
     fn routine_rekey_keeps_the_tunnel_up() {
         let t0 = Instant::now();
         let mut l = Liveness::new(Some(25));
-        l.on_handshake(t0);
-        l.on_authenticated(t0 + 100 * S);
+        l.on_response(t0);
+        l.on_authenticated(t0 + 100 * S, true, true);
         l.on_initiation_sent(t0 + 120 * S);
         assert_eq!(l.state(t0 + 120 * S, true), PeerState::Up);
-        l.on_authenticated(t0 + 120 * S);
-        l.on_handshake(t0 + 120 * S);
+        l.on_authenticated(t0 + 120 * S, false, true);
+        l.on_response(t0 + 120 * S);
         assert_eq!(l.state(t0 + 121 * S, true), PeerState::Up);
     }
 
@@ -181,7 +192,7 @@ mod tests {
     fn unanswered_rehandshake_turns_up_into_connecting() {
         let t0 = Instant::now();
         let mut l = Liveness::new(None);
-        l.on_handshake(t0);
+        l.on_response(t0);
         l.on_initiation_sent(t0 + 20 * S);
         assert_eq!(l.state(t0 + 26 * S, true), PeerState::Up);
         assert_eq!(l.state(t0 + 27 * S, true), PeerState::Connecting);
@@ -191,13 +202,13 @@ mod tests {
     fn silent_peer_with_keepalive_is_down_after_two_intervals() {
         let t0 = Instant::now();
         let mut l = Liveness::new(Some(2));
-        l.on_handshake(t0);
-        l.on_authenticated(t0 + S);
+        l.on_response(t0);
+        l.on_authenticated(t0 + S, true, true);
         // 2 x 2 s + 5 s after the last packet.
         assert_eq!(l.state(t0 + 10 * S, true), PeerState::Up);
         assert_eq!(l.state(t0 + 11 * S, true), PeerState::Down);
         assert!(l.wants_handshake(t0 + 11 * S, true));
-        l.on_authenticated(t0 + 11 * S);
+        l.on_authenticated(t0 + 11 * S, true, true);
         assert_eq!(l.state(t0 + 11 * S, true), PeerState::Up);
     }
 
@@ -205,9 +216,24 @@ mod tests {
     fn idle_peer_without_keepalive_stays_up_while_the_session_lives() {
         let t0 = Instant::now();
         let mut l = Liveness::new(None);
-        l.on_handshake(t0);
+        l.on_response(t0);
         assert_eq!(l.state(t0 + 170 * S, true), PeerState::Up);
         assert_eq!(l.state(t0 + 181 * S, false), PeerState::Down);
+    }
+
+    #[test]
+    fn simultaneous_initiation_stays_connecting_until_the_tunnel_is_proven() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(None);
+        l.on_initiation_sent(t0);
+        // We answer the peer's initiation; its session is not usable yet.
+        l.on_initiation_answered(t0);
+        l.on_authenticated(t0, false, false);
+        assert_eq!(l.state(t0, false), PeerState::Connecting);
+        // The peer's first data on that session proves it.
+        l.on_authenticated(t0 + S, true, true);
+        assert_eq!(l.state(t0 + S, true), PeerState::Up);
+        assert_eq!(l.last_handshake(), Some(t0));
     }
 
     #[test]

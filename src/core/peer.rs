@@ -28,6 +28,7 @@ use crate::membership::PeerSpec;
 const MSG_INITIATION: u8 = 1;
 const MSG_RESPONSE: u8 = 2;
 const MSG_COOKIE: u8 = 3;
+const MSG_DATA: u8 = 4;
 /// Room boringtun requires for any message it writes.
 const MIN_ROOM: usize = 148;
 /// Data message overhead: header 16 + tag 16.
@@ -277,10 +278,14 @@ impl Peer {
     }
 
     fn authenticated(&mut self, now: Instant, from: SocketAddr, kind: u8) {
-        self.liveness.on_authenticated(now);
-        if kind == MSG_INITIATION || kind == MSG_RESPONSE {
-            self.liveness.on_handshake(now);
+        match kind {
+            MSG_INITIATION => self.liveness.on_initiation_answered(now),
+            MSG_RESPONSE => self.liveness.on_response(now),
+            _ => {}
         }
+        let has_session = self.has_session();
+        self.liveness
+            .on_authenticated(now, kind == MSG_DATA, has_session);
         if self.endpoint != Some(from) {
             info!(parent: &self.span, endpoint = %from, previous = ?self.endpoint, "endpoint changed");
             self.endpoint = Some(from);

@@ -1,0 +1,120 @@
+//! The agent's control socket: a Unix socket, mode 0600, that answers
+//! `meshctl`.
+//!
+//! Connections are served by a small task each; requests are handed to the
+//! agent's owning task over a channel, so no state is shared or locked.
+//! Must never: follow or remove anything but a stale socket at its own path.
+
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{MAX_REQUEST, Request, Response};
+
+pub type ControlRequest = (Request, oneshot::Sender<Response>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlSocketError {
+    #[error("another meshd is already running on {}", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
+    NotASocket(PathBuf),
+    #[error("cannot create control socket {}: {}", .0.display(), .1)]
+    Io(PathBuf, std::io::Error),
+}
+
+/// Makes sure nothing live is at `path`: fails if an agent answers there,
+/// removes a stale socket left by a crash.
+pub fn clear_stale(path: &Path) -> Result<(), ControlSocketError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ControlSocketError::Io(path.to_owned(), e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ControlSocketError::NotASocket(path.to_owned()));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ControlSocketError::AlreadyRunning(path.to_owned())),
+        Err(_) => {
+            tracing::info!(path = %path.display(), "removing stale control socket");
+            std::fs::remove_file(path).map_err(|e| ControlSocketError::Io(path.to_owned(), e))
+        }
+    }
+}
+
+/// The bound socket; removes its file when dropped.
+pub struct ControlSocket {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl ControlSocket {
+    pub fn bind(path: &Path) -> Result<Self, ControlSocketError> {
+        let fail = |e| ControlSocketError::Io(path.to_owned(), e);
+        clear_stale(path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+        }
+        let listener = UnixListener::bind(path).map_err(fail)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        Ok(Self {
+            path: path.to_owned(),
+            listener: Some(listener),
+        })
+    }
+
+    /// Serves connections until the receiving side of `requests` is gone.
+    pub fn serve(&mut self, requests: mpsc::Sender<ControlRequest>) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, requests).await {
+                        tracing::debug!(error = %e, "control connection failed");
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn answer(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let timeout = crate::control::REQUEST_TIMEOUT;
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    tokio::time::timeout(timeout, reader.read_line(&mut line))
+        .await
+        .map_err(|_| ErrorKind::TimedOut)??;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            let (tx, rx) = oneshot::channel();
+            if requests.send((req, tx)).await.is_err() {
+                return Ok(());
+            }
+            rx.await
+                .unwrap_or_else(|_| Response::Error("agent is shutting down".into()))
+        }
+        Err(e) => Response::Error(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await
+}

@@ -1,0 +1,115 @@
+//! meshctl: inspect and operate a running meshd, and make keys.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meshnet::config::{DEFAULT_DEVICE, default_control_socket};
+use meshnet::control::{self, Request, Response};
+use meshnet::keys::PrivateKey;
+use meshnet::report;
+
+#[derive(Parser)]
+#[command(version, about = "Inspect and operate a meshnet agent")]
+struct Args {
+    /// The agent's control socket [default: /run/meshnet/<device>.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// The agent's device, to find its default control socket.
+    #[arg(long, global = true, default_value = DEFAULT_DEVICE)]
+    device: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a new private key (base64, as `wg genkey`).
+    Genkey {
+        /// Write the key to this new file (mode 0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Read a private key on stdin, print its public key (as `wg pubkey`).
+    Pubkey,
+    /// Show every tunnel: endpoint, state, handshake, transfer, drops.
+    Peers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show this host: identity, addresses, uptime, peer counts, drops.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let socket = args
+        .socket
+        .unwrap_or_else(|| default_control_socket(&args.device));
+    match args.command {
+        Command::Genkey { out } => genkey(out),
+        Command::Pubkey => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading stdin")?;
+            let key =
+                PrivateKey::from_base64(&text).context("stdin does not hold a private key")?;
+            println!("{}", key.public_key());
+            Ok(())
+        }
+        Command::Peers { json } => match control::request(&socket, &Request::Peers)? {
+            Response::Peers(peers) if json => print_json(&peers),
+            Response::Peers(peers) => {
+                print!("{}", report::peers(&peers));
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected response: {other:?}"),
+        },
+        Command::Status { json } => match control::request(&socket, &Request::Status)? {
+            Response::Status(status) if json => print_json(&status),
+            Response::Status(status) => {
+                print!("{}", report::status(&status));
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected response: {other:?}"),
+        },
+    }
+}
+
+fn genkey(out: Option<PathBuf>) -> anyhow::Result<()> {
+    let key = PrivateKey::generate();
+    let Some(path) = out else {
+        println!("{}", key.to_base64());
+        return Ok(());
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{}", key.to_base64()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Human-readable output for `meshctl`, in the manner of `wg show`.
+//!
+//! Pure formatting of control-protocol values. Must never: reach the agent
+//! or print anything itself.
+
+use std::fmt::Write;
+
+use crate::control::HostStatus;
+use crate::core::PeerStatus;
+
+/// "12 seconds ago", "1 minute, 5 seconds ago", "never".
+pub fn ago(secs: Option<u64>) -> String {
+    let Some(secs) = secs else {
+        return "never".to_owned();
+    };
+    if secs == 0 {
+        return "just now".to_owned();
+    }
+    format!("{} ago", duration(secs))
+}
+
+/// "3 days, 1 hour, 2 seconds"; zero units are left out.
+pub fn duration(secs: u64) -> String {
+    let units = [
+        ("day", 86_400),
+        ("hour", 3_600),
+        ("minute", 60),
+        ("second", 1),
+    ];
+    let mut left = secs;
+    let mut parts = Vec::new();
+    for (name, size) in units {
+        let n = left / size;
+        left %= size;
+        if n > 0 {
+            parts.push(format!("{n} {name}{}", if n == 1 { "" } else { "s" }));
+        }
+    }
+    if parts.is_empty() {
+        return "0 seconds".to_owned();
+    }
+    parts.join(", ")
+}
+
+/// Bytes in binary units as `wg` prints them: "1.50 KiB", "12 B".
+pub fn bytes(n: u64) -> String {
+    let units = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = units[0];
+    for next in &units[1..] {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    format!("{value:.2} {unit}")
+}
+
+/// One block per peer, like `wg show`.
+pub fn peers(peers: &[PeerStatus]) -> String {
+    if peers.is_empty() {
+        return "no peers configured\n".to_owned();
+    }
+    let mut s = String::new();
+    for (i, p) in peers.iter().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        let endpoint = p.endpoint.map_or_else(
+            || "(none, waiting to be contacted)".to_owned(),
+            |e| e.to_string(),
+        );
+        let _ = writeln!(s, "peer: {}", p.name);
+        let _ = writeln!(s, "  public key: {}", p.public_key);
+        let _ = writeln!(s, "  endpoint: {endpoint}");
+        let _ = writeln!(s, "  subnet: {}", p.subnet);
+        let _ = writeln!(s, "  state: {}", p.state.as_str());
+        let _ = writeln!(s, "  latest handshake: {}", ago(p.last_handshake_secs_ago));
+        let _ = writeln!(
+            s,
+            "  transfer: {} received, {} sent",
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes)
+        );
+        let _ = writeln!(s, "  packets dropped: {}", p.dropped);
+        if let Some(k) = p.keepalive {
+            let _ = writeln!(s, "  persistent keepalive: every {}", duration(k.into()));
+        }
+    }
+    s
+}
+
+pub fn status(h: &HostStatus) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "host: {}", h.name);
+    let _ = writeln!(s, "  public key: {}", h.public_key);
+    let _ = writeln!(s, "  listening on: {}", h.listen);
+    let _ = writeln!(s, "  device: {} (mtu {})", h.device, h.mtu);
+    let _ = writeln!(s, "  address: {}/{}", h.address, h.overlay.prefix_len());
+    let _ = writeln!(s, "  subnet: {} (overlay {})", h.subnet, h.overlay);
+    let _ = writeln!(s, "  uptime: {}", duration(h.uptime_secs));
+    let _ = writeln!(
+        s,
+        "  peers: {} ({} up, {} connecting, {} down)",
+        h.peers, h.peers_up, h.peers_connecting, h.peers_down
+    );
+    if h.dropped.is_empty() {
+        let _ = writeln!(s, "  dropped: none");
+    } else {
+        let list: Vec<String> = h.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(s, "  dropped: {}", list.join(", "));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::PeerState;
+    use crate::keys::PrivateKey;
+
+    #[test]
+    fn ages_read_like_wg() {
+        assert_eq!(ago(None), "never");
+        assert_eq!(ago(Some(0)), "just now");
+        assert_eq!(ago(Some(1)), "1 second ago");
+        assert_eq!(ago(Some(12)), "12 seconds ago");
+        assert_eq!(ago(Some(65)), "1 minute, 5 seconds ago");
+        assert_eq!(ago(Some(90_061)), "1 day, 1 hour, 1 minute, 1 second ago");
+    }
+
+    #[test]
+    fn byte_counts_use_binary_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.50 KiB");
+        assert_eq!(bytes(5 * 1024 * 1024), "5.00 MiB");
+        assert_eq!(bytes(3 << 40), "3.00 TiB");
+    }
+
+    #[test]
+    fn peer_block_shows_every_field() {
+        let key = PrivateKey::generate().public_key();
+        let p = PeerStatus {
+            name: "h2".into(),
+            public_key: key,
+            endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+            subnet: "10.42.2.0/24".parse().unwrap(),
+            state: PeerState::Up,
+            last_handshake_secs_ago: Some(12),
+            rx_bytes: 2048,
+            tx_bytes: 100,
+            rx_packets: 3,
+            tx_packets: 1,
+            dropped: 4,
+            keepalive: Some(25),
+        };
+        let text = peers(&[
+            p.clone(),
+            PeerStatus {
+                endpoint: None,
+                last_handshake_secs_ago: None,
+                ..p
+            },
+        ]);
+        for needle in [
+            "peer: h2",
+            &format!("public key: {key}"),
+            "endpoint: 192.0.2.2:51820",
+            "subnet: 10.42.2.0/24",
+            "state: up",
+            "latest handshake: 12 seconds ago",
+            "transfer: 2.00 KiB received, 100 B sent",
+            "packets dropped: 4",
+            "persistent keepalive: every 25 seconds",
+            "endpoint: (none, waiting to be contacted)",
+            "latest handshake: never",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+    }
+}
