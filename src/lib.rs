@@ -13,3 +13,4 @@ pub mod core;
 pub mod keys;
 pub mod membership;
 pub mod report;
+pub mod testbed;

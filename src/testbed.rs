@@ -1,0 +1,597 @@
+//! Real multi-host meshes in network namespaces, for tests, the demo and
+//! benchmarks.
+//!
+//! A testbed is one namespace holding a bridge (the underlay switch) and one
+//! namespace per host, joined by veth pairs created directly inside those
+//! namespaces, so nothing is added to the root namespace. Underlay addresses
+//! come from 192.0.2.0/24 (TEST-NET-1) and exist only inside the testbed.
+//! Every namespace, process and file it makes is removed on drop, also when
+//! a test panics; namespaces left by a killed test process are swept when
+//! the next testbed starts.
+//! Must never: touch an interface, route or address of the root namespace,
+//! or send traffic anywhere but its own namespaces.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::control::{self, Request, Response};
+use crate::core::PeerStatus;
+use crate::keys::PrivateKey;
+
+/// Every testbed namespace starts with this, then the owning pid.
+const NS_PREFIX: &str = "mn-";
+/// Longest wait for an agent to answer after it starts.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the meshd and meshctl binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub meshd: PathBuf,
+    pub meshctl: PathBuf,
+}
+
+impl Binaries {
+    /// The binaries in the target directory the running executable was
+    /// built into (for examples and benches, which live one level deeper).
+    pub fn beside_current_exe() -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        for dir in exe.ancestors().skip(1).take(3) {
+            let meshd = dir.join("meshd");
+            let meshctl = dir.join("meshctl");
+            if meshd.is_file() && meshctl.is_file() {
+                return Ok(Self { meshd, meshctl });
+            }
+        }
+        bail!(
+            "meshd and meshctl not found near {}: run `cargo build --release` first",
+            exe.display()
+        )
+    }
+}
+
+/// Options for building a mesh.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub hosts: usize,
+    /// Persistent keepalive for every peer; also what makes a dead peer
+    /// show as down within 2 x keepalive + 5 s.
+    pub keepalive: Option<u16>,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        Self {
+            hosts: 3,
+            keepalive: Some(1),
+        }
+    }
+}
+
+pub struct Host {
+    pub name: String,
+    pub ns: String,
+    pub underlay: Ipv4Addr,
+    pub overlay: Ipv4Addr,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub key: PrivateKey,
+    agent: Option<Child>,
+}
+
+/// A running set of namespaces; see the module docs.
+pub struct Testbed {
+    pub bridge_ns: String,
+    pub hosts: Vec<Host>,
+    pub bins: Binaries,
+    dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+}
+
+impl Testbed {
+    /// Builds the namespaces, underlay, keys and configs for a full mesh;
+    /// agents are not started. `tag` names the testbed in namespace names
+    /// (short: it is for humans reading `ip netns`).
+    pub fn new(tag: &str, options: &MeshOptions, bins: Binaries) -> Result<Self> {
+        preflight()?;
+        sweep_dead_testbeds();
+        static SERIAL: AtomicUsize = AtomicUsize::new(0);
+        let base = format!(
+            "{NS_PREFIX}{}-{}-{tag}",
+            std::process::id(),
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("meshnet-testbed-")
+            .tempdir()?;
+        let mut bed = Self {
+            bridge_ns: format!("{base}-sw"),
+            hosts: Vec::new(),
+            bins,
+            dir,
+            namespaces: Vec::new(),
+        };
+        bed.add_namespace(&bed.bridge_ns.clone())?;
+        ip(&["-n", &bed.bridge_ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &bed.bridge_ns, "link", "set", "br0", "up"])?;
+        for i in 1..=options.hosts {
+            bed.add_host(&base, i)?;
+        }
+        bed.write_configs(options)?;
+        Ok(bed)
+    }
+
+    fn add_namespace(&mut self, ns: &str) -> Result<()> {
+        ip(&["netns", "add", ns])?;
+        self.namespaces.push(ns.to_owned());
+        ip(&["-n", ns, "link", "set", "lo", "up"])
+    }
+
+    fn add_host(&mut self, base: &str, i: usize) -> Result<()> {
+        ensure!(i < 250, "at most 249 hosts");
+        let name = format!("h{i}");
+        let ns = format!("{base}-{name}");
+        self.add_namespace(&ns)?;
+        let port = format!("p{i}");
+        ip(&[
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ])?;
+        let underlay = Ipv4Addr::new(192, 0, 2, i as u8);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{underlay}/24"),
+            "dev",
+            "ul0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "ul0", "up"])?;
+        let key = PrivateKey::generate();
+        let key_path = self.dir.path().join(format!("{name}.key"));
+        std::fs::write(&key_path, key.to_base64())?;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+        self.hosts.push(Host {
+            overlay: Ipv4Addr::new(10, 42, i as u8, 1),
+            config: self.dir.path().join(format!("{name}.toml")),
+            socket: self.dir.path().join(format!("{name}.sock")),
+            log: self.dir.path().join(format!("{name}.log")),
+            name,
+            ns,
+            underlay,
+            key,
+            agent: None,
+        });
+        Ok(())
+    }
+
+    fn write_configs(&self, options: &MeshOptions) -> Result<()> {
+        for (i, host) in self.hosts.iter().enumerate() {
+            let mut text = format!(
+                "name = \"{}\"\nprivate_key_file = \"{}.key\"\nlisten = \"0.0.0.0:51820\"\n\
+                 subnet = \"10.42.{}.0/24\"\ncontrol_socket = \"{}\"\n",
+                host.name,
+                host.name,
+                i + 1,
+                host.socket.display()
+            );
+            for (j, peer) in self.hosts.iter().enumerate().filter(|(j, _)| *j != i) {
+                text.push_str(&format!(
+                    "\n[[peer]]\nname = \"{}\"\npublic_key = \"{}\"\nendpoint = \"{}:51820\"\nsubnet = \"10.42.{}.0/24\"\n",
+                    peer.name,
+                    peer.key.public_key(),
+                    peer.underlay,
+                    j + 1
+                ));
+                if let Some(k) = options.keepalive {
+                    text.push_str(&format!("keepalive = {k}\n"));
+                }
+            }
+            std::fs::write(&host.config, text)?;
+        }
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts every host's agent and waits until each answers.
+    pub fn start_all(&mut self) -> Result<()> {
+        for i in 0..self.hosts.len() {
+            self.start(i)?;
+        }
+        Ok(())
+    }
+
+    /// Starts host `i`'s agent (log appended to its log file) and waits
+    /// until its control socket answers.
+    pub fn start(&mut self, i: usize) -> Result<()> {
+        let host = &mut self.hosts[i];
+        ensure!(host.agent.is_none(), "{} already runs an agent", host.name);
+        let log = File::options().create(true).append(true).open(&host.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &host.ns])
+            .arg(&self.bins.meshd)
+            .arg("--config")
+            .arg(&host.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("MESHNET_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting meshd")?;
+        host.agent = Some(child);
+        let deadline = Instant::now() + AGENT_START_TIMEOUT;
+        loop {
+            if control::request(&self.hosts[i].socket, &Request::Status).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.hosts[i]
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.hosts[i].agent = None;
+                bail!(
+                    "meshd on {} exited with {status}:\n{}",
+                    self.hosts[i].name,
+                    self.log(i)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "meshd on {} did not answer within {AGENT_START_TIMEOUT:?}:\n{}",
+                    self.hosts[i].name,
+                    self.log(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops host `i`'s agent with SIGTERM and returns its exit status.
+    pub fn stop(&mut self, i: usize) -> Result<std::process::ExitStatus> {
+        let mut child = self.hosts[i].agent.take().context("no agent running")?;
+        signal(child.id(), "TERM")?;
+        wait_bounded(&mut child, Duration::from_secs(10))
+    }
+
+    /// Kills host `i`'s agent with SIGKILL, as a crash would.
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        let mut child = self.hosts[i].agent.take().context("no agent running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.hosts[i].agent.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
+    }
+
+    /// Runs a command inside host `i`'s namespace.
+    pub fn exec(&self, i: usize, args: &[&str]) -> Result<Output> {
+        exec_in(&self.hosts[i].ns, args)
+    }
+
+    /// Sends `count` pings from host `i`; true when all were answered.
+    pub fn ping(&self, i: usize, to: Ipv4Addr, count: u32) -> Result<bool> {
+        let count = count.to_string();
+        let to = to.to_string();
+        let out = self.exec(
+            i,
+            &["ping", "-c", &count, "-i", "0.2", "-W", "1", "-q", &to],
+        )?;
+        Ok(out.status.success())
+    }
+
+    /// Runs `meshctl` against host `i`'s agent.
+    pub fn meshctl(&self, i: usize, args: &[&str]) -> Result<Output> {
+        Command::new(&self.bins.meshctl)
+            .arg("--socket")
+            .arg(&self.hosts[i].socket)
+            .args(args)
+            .output()
+            .context("running meshctl")
+    }
+
+    /// Host `i`'s peers, through `meshctl peers --json`.
+    pub fn peers(&self, i: usize) -> Result<Vec<PeerStatus>> {
+        let out = self.meshctl(i, &["peers", "--json"])?;
+        ensure!(
+            out.status.success(),
+            "meshctl peers failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Host `i`'s status, through the control socket.
+    pub fn status(&self, i: usize) -> Result<control::HostStatus> {
+        match control::request(&self.hosts[i].socket, &Request::Status)? {
+            Response::Status(s) => Ok(s),
+            other => bail!("unexpected response {other:?}"),
+        }
+    }
+
+    /// Starts a packet capture on `iface` in namespace `ns`.
+    pub fn capture(&self, ns: &str, iface: &str, filter: &str) -> Result<Capture> {
+        static SERIAL: AtomicUsize = AtomicUsize::new(0);
+        let file = self.dir.path().join(format!(
+            "capture-{}.pcap",
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        ));
+        Capture::start(ns, iface, filter, file)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for host in &mut self.hosts {
+            if let Some(mut child) = host.agent.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A running tcpdump writing to a pcap file; stopped on drop.
+pub struct Capture {
+    child: Option<Child>,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(ns: &str, iface: &str, filter: &str, file: PathBuf) -> Result<Self> {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "tcpdump",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-s",
+                "0",
+                "-i",
+                iface,
+                "-w",
+            ])
+            .arg(&file)
+            .args(filter.split_whitespace())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump (apt-get install tcpdump)")?;
+        // tcpdump says "listening on" once the capture is live.
+        let stderr = child.stderr.take().context("tcpdump stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let mut capture = Self {
+            child: Some(child),
+            file,
+        };
+        if rx.recv_timeout(Duration::from_secs(5)).is_err() {
+            capture.stop()?;
+            bail!("tcpdump did not start capturing on {iface} in {ns}");
+        }
+        Ok(capture)
+    }
+
+    /// Stops the capture and returns the raw pcap bytes.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        self.stop()?;
+        Ok(std::fs::read(&self.file)?)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "INT")?;
+            wait_bounded(&mut child, Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Counts the packets in a pcap file (classic format, as tcpdump writes).
+pub fn pcap_packet_count(pcap: &[u8]) -> usize {
+    const GLOBAL_HEADER: usize = 24;
+    const RECORD_HEADER: usize = 16;
+    let mut offset = GLOBAL_HEADER;
+    let mut count = 0;
+    while let Some(header) = pcap.get(offset..offset + RECORD_HEADER) {
+        let captured = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        offset += RECORD_HEADER + captured;
+        count += 1;
+    }
+    count
+}
+
+/// tcpdump's one-line decoding of every packet in a pcap, for messages.
+pub fn pcap_summary(pcap: &[u8]) -> String {
+    let Ok(mut child) = Command::new("tcpdump")
+        .args(["-n", "-r", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return "(tcpdump unavailable)".into();
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(pcap);
+    }
+    child
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Polls `check` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn exec_in(ns: &str, args: &[&str]) -> Result<Output> {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {args:?} in {ns}"))
+}
+
+/// Fails loudly (never skips) when the testbed cannot work here.
+fn preflight() -> Result<()> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id")?;
+    ensure!(
+        String::from_utf8_lossy(&uid.stdout).trim() == "0",
+        "the namespace tests need root (they create network namespaces): run them as root, \
+         e.g. through scripts/test.sh"
+    );
+    for tool in ["ip", "ping", "tcpdump"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()?;
+        ensure!(
+            found.status.success(),
+            "{tool} is missing: run scripts/test.sh, which installs iproute2, iputils-ping and tcpdump"
+        );
+    }
+    Ok(())
+}
+
+/// Deletes testbed namespaces whose owning process is gone (a test that
+/// was killed before its guards could run).
+fn sweep_dead_testbeds() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix(NS_PREFIX)
+            .and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (apt-get install iproute2)")?;
+    ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn signal(pid: u32, name: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()?;
+    ensure!(status.success(), "kill -{name} {pid} failed");
+    Ok(())
+}
+
+fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "process {} did not exit within {timeout:?}; killed",
+                child.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,201 @@
+//! The binaries at their edges: keys compatible with `wg`, exit codes and
+//! messages for bad configs, and that a bad config touches no device.
+//!
+//! Needs root, iproute2 and wireguard-tools; fails (never skips) without.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output, Stdio};
+
+use meshnet::keys::PrivateKey;
+
+const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+
+fn run_with_stdin(program: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} ({e}); scripts/test.sh installs what the tests need")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "{o:?}");
+    String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn keys_move_freely_between_wg_and_meshctl() {
+    let wg_private = stdout(&run_with_stdin("wg", &["genkey"], ""));
+    let wg_public = stdout(&run_with_stdin("wg", &["pubkey"], &wg_private));
+    assert_eq!(
+        stdout(&run_with_stdin(MESHCTL, &["pubkey"], &wg_private)),
+        wg_public
+    );
+
+    let ours = stdout(&run_with_stdin(MESHCTL, &["genkey"], ""));
+    assert_eq!(ours.len(), 44);
+    assert_eq!(
+        stdout(&run_with_stdin("wg", &["pubkey"], &ours)),
+        stdout(&run_with_stdin(MESHCTL, &["pubkey"], &ours))
+    );
+}
+
+#[test]
+fn pubkey_rejects_garbage() {
+    let out = run_with_stdin(MESHCTL, &["pubkey"], "not a key\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not hold a private key"));
+}
+
+#[test]
+fn genkey_out_writes_a_private_file_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.key");
+    let p = path.to_str().unwrap();
+    assert!(
+        run_with_stdin(MESHCTL, &["genkey", "--out", p], "")
+            .status
+            .success()
+    );
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let first = std::fs::read_to_string(&path).unwrap();
+    assert!(PrivateKey::from_base64(&first).is_ok());
+    let again = run_with_stdin(MESHCTL, &["genkey", "--out", p], "");
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
+}
+
+#[test]
+fn meshctl_without_an_agent_says_so_in_one_line() {
+    let out = run_with_stdin(MESHCTL, &["--socket", "/nonexistent/x.sock", "peers"], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("meshd is not running") && err.contains("/nonexistent/x.sock"),
+        "{err}"
+    );
+}
+
+/// A fresh namespace; removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("mn-{}-cli-{tag}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip (iproute2) is needed");
+        assert!(
+            ok.success(),
+            "cannot create a namespace: the tests need root"
+        );
+        Self(name)
+    }
+
+    fn links(&self) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.0, "-o", "link"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn config_dir(config: &str, key_mode: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("h1.key");
+    std::fs::write(&key, PrivateKey::generate().to_base64()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(key_mode)).unwrap();
+    std::fs::write(dir.path().join("h1.toml"), config).unwrap();
+    dir
+}
+
+fn meshd_in(ns: &Netns, dir: &tempfile::TempDir, extra: &[&str]) -> Output {
+    let config = dir.path().join("h1.toml");
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            MESHD,
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+const VALID: &str = "name = \"h1\"\nprivate_key_file = \"h1.key\"\nsubnet = \"10.42.1.0/24\"\n\
+control_socket = \"/tmp/meshnet-cli-test-unused.sock\"\n";
+
+#[test]
+fn a_broken_config_exits_2_naming_file_line_and_key_and_touches_no_device() {
+    let ns = Netns::new("bad");
+    let broken = format!(
+        "{VALID}\n[[peer]]\nname = \"h2\"\npublic_key = \"{}\"\nsubnet = \"10.42.1.128/25\"\n",
+        PrivateKey::generate().public_key()
+    );
+    let dir = config_dir(&broken, 0o600);
+    let out = meshd_in(&ns, &dir, &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("h1.toml:9: peer.h2.subnet: 10.42.1.128/25 overlaps this host's subnet"),
+        "{err}"
+    );
+    assert!(
+        !ns.links().contains("mesh0"),
+        "a device was created: {}",
+        ns.links()
+    );
+}
+
+#[test]
+fn a_key_file_readable_by_others_is_refused_before_anything_starts() {
+    let ns = Netns::new("key");
+    let dir = config_dir(VALID, 0o644);
+    let out = meshd_in(&ns, &dir, &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("h1.toml:2: private_key_file:") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!ns.links().contains("mesh0"));
+}
+
+#[test]
+fn check_validates_without_starting() {
+    let ns = Netns::new("check");
+    let dir = config_dir(VALID, 0o600);
+    let out = meshd_in(&ns, &dir, &["--check"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is valid"));
+    assert!(!ns.links().contains("mesh0"));
+}
