@@ -17,6 +17,8 @@ pub const KEY_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
+    #[error("the OS random number source failed: {0}")]
+    Random(String),
     #[error("not a valid key: expected 44 characters of base64 encoding 32 bytes")]
     BadEncoding,
     #[error("cannot read key file {path}: {reason}")]
@@ -86,13 +88,11 @@ pub struct PrivateKey(x25519::StaticSecret);
 
 impl PrivateKey {
     /// A fresh key from the OS random source, clamped as `wg genkey` does.
-    pub fn generate() -> Self {
+    pub fn generate() -> Result<Self, KeyError> {
         let mut bytes = [0u8; KEY_LEN];
-        // getrandom fails only where no OS entropy source exists at all, a
-        // machine meshd cannot run on safely anyway.
-        getrandom::getrandom(&mut bytes).expect("the OS random number source failed");
+        getrandom::getrandom(&mut bytes).map_err(|e| KeyError::Random(e.to_string()))?;
         clamp(&mut bytes);
-        Self(x25519::StaticSecret::from(bytes))
+        Ok(Self(x25519::StaticSecret::from(bytes)))
     }
 
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn base64_round_trips_and_tolerates_trailing_newline() {
-        let key = PrivateKey::generate();
+        let key = PrivateKey::generate().unwrap();
         let text = format!("{}\n", key.to_base64());
         let again = PrivateKey::from_base64(&text).unwrap();
         assert_eq!(again.public_key(), key.public_key());
@@ -190,8 +190,8 @@ mod tests {
 
     #[test]
     fn generated_keys_are_clamped_and_distinct() {
-        let a = PrivateKey::generate();
-        let b = PrivateKey::generate();
+        let a = PrivateKey::generate().unwrap();
+        let b = PrivateKey::generate().unwrap();
         assert_ne!(a.public_key(), b.public_key());
         let bytes = a.0.to_bytes();
         assert_eq!(bytes[0] & 7, 0);
@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn debug_never_shows_private_bytes() {
-        let key = PrivateKey::generate();
+        let key = PrivateKey::generate().unwrap();
         let shown = format!("{key:?}");
         assert!(!shown.contains(&key.to_base64()));
         assert!(shown.contains("redacted"));
@@ -227,7 +227,7 @@ mod tests {
     fn key_file_readable_by_others_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h1.key");
-        std::fs::write(&path, PrivateKey::generate().to_base64()).unwrap();
+        std::fs::write(&path, PrivateKey::generate().unwrap().to_base64()).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = PrivateKey::load(&path).unwrap_err();
         assert!(

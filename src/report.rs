@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn peer_block_shows_every_field() {
-        let key = PrivateKey::generate().public_key();
+        let key = PrivateKey::generate().unwrap().public_key();
         let p = PeerStatus {
             name: "h2".into(),
             public_key: key,

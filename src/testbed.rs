@@ -176,7 +176,7 @@ impl Testbed {
             "ul0",
         ])?;
         ip(&["-n", &ns, "link", "set", "ul0", "up"])?;
-        let key = PrivateKey::generate();
+        let key = PrivateKey::generate()?;
         let key_path = self.dir.path().join(format!("{name}.key"));
         std::fs::write(&key_path, key.to_base64())?;
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;

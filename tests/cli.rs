@@ -3,6 +3,9 @@
 //!
 //! Needs root, iproute2 and wireguard-tools; fails (never skips) without.
 
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output, Stdio};
@@ -129,7 +132,7 @@ impl Drop for Netns {
 fn config_dir(config: &str, key_mode: u32) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("h1.key");
-    std::fs::write(&key, PrivateKey::generate().to_base64()).unwrap();
+    std::fs::write(&key, PrivateKey::generate().unwrap().to_base64()).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(key_mode)).unwrap();
     std::fs::write(dir.path().join("h1.toml"), config).unwrap();
     dir
@@ -159,7 +162,7 @@ fn a_broken_config_exits_2_naming_file_line_and_key_and_touches_no_device() {
     let ns = Netns::new("bad");
     let broken = format!(
         "{VALID}\n[[peer]]\nname = \"h2\"\npublic_key = \"{}\"\nsubnet = \"10.42.1.128/25\"\n",
-        PrivateKey::generate().public_key()
+        PrivateKey::generate().unwrap().public_key()
     );
     let dir = config_dir(&broken, 0o600);
     let out = meshd_in(&ns, &dir, &[]);

@@ -4,6 +4,9 @@
 //!
 //! Needs root, iproute2, ping and tcpdump; fails (never skips) without them.
 
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use meshnet::core::{PeerState, PeerStatus};

@@ -94,7 +94,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn genkey(out: Option<PathBuf>) -> anyhow::Result<()> {
-    let key = PrivateKey::generate();
+    let key = PrivateKey::generate()?;
     let Some(path) = out else {
         println!("{}", key.to_base64());
         return Ok(());

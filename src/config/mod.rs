@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -17,8 +17,10 @@ use toml::Spanned;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::membership::{Membership, PeerSpec};
 
-pub const DEFAULT_OVERLAY: &str = "10.42.0.0/16";
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:51820";
+/// The whole overlay unless configured: 10.42.0.0/16, as Rancher used.
+pub const DEFAULT_OVERLAY: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 42, 0, 0), 16);
+/// WireGuard's customary port.
+pub const DEFAULT_PORT: u16 = 51820;
 pub const DEFAULT_DEVICE: &str = "mesh0";
 /// Where control sockets live unless the config says otherwise.
 pub const CONTROL_SOCKET_DIR: &str = "/run/meshnet";
@@ -181,13 +183,11 @@ impl Validator<'_> {
         let private_key = self.private_key(&raw.private_key_file)?;
         let listen = match &raw.listen {
             Some(l) => self.socket_addr(l, "listen")?,
-            None => DEFAULT_LISTEN
-                .parse()
-                .expect("default listen address parses"),
+            None => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DEFAULT_PORT),
         };
         let overlay = match &raw.overlay {
             Some(o) => self.network(o, "overlay")?,
-            None => DEFAULT_OVERLAY.parse().expect("default overlay parses"),
+            None => DEFAULT_OVERLAY,
         };
         let subnet = self.subnet(&raw.subnet, "subnet", overlay)?;
         let device = match &raw.device {

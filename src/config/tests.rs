@@ -11,12 +11,12 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let own = PrivateKey::generate();
+        let own = PrivateKey::generate().unwrap();
         let key_path = dir.path().join("h1.key");
         std::fs::write(&key_path, own.to_base64()).unwrap();
         std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let peer_keys = (0..3)
-            .map(|_| PrivateKey::generate().public_key())
+            .map(|_| PrivateKey::generate().unwrap().public_key())
             .collect();
         Self {
             dir,

@@ -282,23 +282,18 @@ impl Node {
             warn!(peer = %spec.name, subnet = %spec.subnet, "peer subnet overlaps ours; peer ignored");
             return;
         }
-        let slot = match self.free_slots.pop() {
-            Some(s) => s,
-            None if self.peers.len() < MAX_PEERS => {
-                self.peers.push(None);
-                self.peers.len() - 1
-            }
-            None => {
-                warn!(peer = %spec.name, "too many peers; peer ignored");
-                return;
-            }
+        let Some(slot) = self.free_slots.pop().or_else(|| self.new_slot()) else {
+            warn!(peer = %spec.name, "too many peers; peer ignored");
+            return;
+        };
+        let Ok(index) = u32::try_from(slot) else {
+            return;
         };
         if let Err(e) = self.routes.insert(spec.subnet, slot) {
             warn!(peer = %spec.name, error = %e, "peer ignored");
             self.free_slots.push(slot);
             return;
         }
-        let index = u32::try_from(slot).expect("slots are below 2^24");
         self.peers[slot] = Some(Peer::new(
             spec.clone(),
             self.secret.clone(),
@@ -307,6 +302,14 @@ impl Node {
         ));
         self.by_key.insert(spec.public_key, slot);
         info!(peer = %spec.name, subnet = %spec.subnet, endpoint = ?spec.endpoint, "peer added");
+    }
+
+    fn new_slot(&mut self) -> Option<usize> {
+        if self.peers.len() >= MAX_PEERS {
+            return None;
+        }
+        self.peers.push(None);
+        Some(self.peers.len() - 1)
     }
 
     fn remove_peer(&mut self, key: PublicKey) {

@@ -31,7 +31,7 @@ struct HostDef {
 
 fn def(subnet: &'static str, addr: &'static str) -> HostDef {
     HostDef {
-        key: PrivateKey::generate(),
+        key: PrivateKey::generate().unwrap(),
         subnet,
         addr,
     }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property, CLI and network-namespace tests.
+# Run as root on Debian; installs the tools the tests use when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: the namespace tests need root; run it as root" >&2
+    exit 1
+fi
+scripts/deps.sh iproute2 iputils-ping tcpdump wireguard-tools
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo test --all-targets
