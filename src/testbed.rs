@@ -297,6 +297,18 @@ impl Testbed {
         Ok(())
     }
 
+    /// Whether host `i`'s agent has exited by itself (reaps it if so).
+    pub fn agent_exited(&mut self, i: usize) -> bool {
+        let exited = self.hosts[i]
+            .agent
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        if exited {
+            self.hosts[i].agent = None;
+        }
+        exited
+    }
+
     pub fn agent_pid(&self, i: usize) -> Option<u32> {
         self.hosts[i].agent.as_ref().map(Child::id)
     }

@@ -202,3 +202,21 @@ fn check_validates_without_starting() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is valid"));
     assert!(!ns.links().contains("mesh0"));
 }
+
+#[test]
+fn the_documented_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/meshd.toml"))
+            .unwrap();
+    std::fs::create_dir(dir.path().join("examples")).unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    let key = dir.path().join("keys/h1.key");
+    std::fs::write(&key, PrivateKey::generate().unwrap().to_base64()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = dir.path().join("examples/meshd.toml");
+    std::fs::write(&path, example).unwrap();
+    let config = meshnet::config::load(&path).unwrap();
+    assert_eq!(config.membership.peers.len(), 2);
+    assert_eq!(config.device, "mesh0");
+}

@@ -356,3 +356,23 @@ fn sighup_applies_a_changed_peer_list_without_dropping_other_tunnels() {
     assert!(bed.ping(0, bed.hosts[2].overlay, 1).unwrap());
     bed.stop(0).unwrap();
 }
+
+#[test]
+fn a_deleted_device_stops_the_agent_with_a_clear_error() {
+    let opts = MeshOptions {
+        hosts: 2,
+        keepalive: None,
+    };
+    let mut bed = Testbed::new("lost", &opts, bins()).unwrap();
+    bed.start_all().unwrap();
+    let out = bed.exec(0, &["ip", "link", "del", "mesh0"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let exited = wait_until(Duration::from_secs(5), || bed.agent_exited(0));
+    assert!(exited, "meshd kept running without its device");
+    assert!(
+        bed.log(0).contains("the overlay device mesh0 failed"),
+        "{}",
+        bed.log(0)
+    );
+    assert!(!bed.hosts[0].socket.exists(), "control socket left behind");
+}

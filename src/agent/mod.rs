@@ -43,6 +43,11 @@ pub enum AgentError {
     Underlay(#[from] UnderlayError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("the overlay device {device} failed: {source}; was it deleted?")]
+    DeviceLost {
+        device: String,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the agent until `shutdown` completes. Peers come from `membership`
@@ -94,9 +99,12 @@ pub async fn run(
         listen,
         started: Instant::now(),
     };
-    shell.serve(control_rx, &mut membership, shutdown).await;
-    tracing::info!("meshd stopped; device and control socket removed");
-    Ok(())
+    let result = shell.serve(control_rx, &mut membership, shutdown).await;
+    drop(control);
+    if result.is_ok() {
+        tracing::info!("meshd stopped; device and control socket removed");
+    }
+    result
 }
 
 struct Shell {
@@ -115,7 +123,7 @@ impl Shell {
         mut control: mpsc::Receiver<ControlRequest>,
         membership: &mut watch::Receiver<Membership>,
         shutdown: impl Future<Output = ()>,
-    ) {
+    ) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
         let mut out = Outbox::default();
         let mut device_buf = vec![0u8; READ_BUFFER];
@@ -134,8 +142,8 @@ impl Shell {
                     Ok(()) => self.node.apply_membership(&membership.borrow_and_update()),
                     Err(_) => membership_open = false,
                 },
-                read = self.udp.recv_from(&mut udp_buf) => {
-                    if let Ok((n, from)) = read {
+                read = self.udp.recv_from(&mut udp_buf) => match read {
+                    Ok((n, from)) => {
                         let now = Instant::now();
                         self.node.handle_datagram(now, from, &udp_buf[..n], &mut out);
                         for _ in 1..BATCH {
@@ -143,9 +151,11 @@ impl Shell {
                             self.node.handle_datagram(now, from, &udp_buf[..n], &mut out);
                         }
                     }
-                }
-                read = self.tun.recv(&mut device_buf) => {
-                    if let Ok(n) = read {
+                    // Transient (an ICMP error surfacing on the socket).
+                    Err(e) => tracing::debug!(error = %e, "underlay receive failed"),
+                },
+                read = self.tun.recv(&mut device_buf) => match read {
+                    Ok(n) => {
                         let now = Instant::now();
                         self.node.handle_device_packet(now, &device_buf[..n], &mut out);
                         for _ in 1..BATCH {
@@ -153,10 +163,14 @@ impl Shell {
                             self.node.handle_device_packet(now, &device_buf[..n], &mut out);
                         }
                     }
-                }
+                    Err(source) => {
+                        return Err(AgentError::DeviceLost { device: self.config.device.clone(), source });
+                    }
+                },
             }
             self.flush(&mut out).await;
         }
+        Ok(())
     }
 
     /// Sends everything the core produced; a failed send is a counted drop.
