@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use meshnet::core::{Identity, Node, Outbox};
+use meshnet::core::{Identity, LinkMode, Node, Outbox};
 use meshnet::keys::PrivateKey;
 use meshnet::membership::{Membership, PeerSpec};
 use proptest::prelude::*;
@@ -17,8 +17,9 @@ fn node() -> Node {
         name: "h1".into(),
         private_key: PrivateKey::generate().unwrap(),
         subnet: "10.42.1.0/24".parse().unwrap(),
+        overlay: "10.42.0.0/16".parse().unwrap(),
     };
-    let mut node = Node::new(&identity, Instant::now());
+    let mut node = Node::new(&identity, LinkMode::Tun, Instant::now());
     let peer = PeerSpec {
         name: "h2".into(),
         public_key: PrivateKey::generate().unwrap().public_key(),

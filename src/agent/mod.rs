@@ -21,7 +21,7 @@ use tun_rs::AsyncDevice;
 
 use crate::config::Config;
 use crate::control::{HostStatus, Request, Response};
-use crate::core::{Identity, Node, Outbox};
+use crate::core::{Identity, LinkMode, Node, Outbox};
 use crate::membership::{self, Membership};
 use control_server::{ControlRequest, ControlSocket, ControlSocketError};
 use device::DeviceError;
@@ -76,8 +76,9 @@ pub async fn run(
         name: config.name.clone(),
         private_key: config.private_key.clone(),
         subnet: config.subnet,
+        overlay: config.overlay,
     };
-    let mut node = Node::new(&identity, Instant::now());
+    let mut node = Node::new(&identity, LinkMode::Tun, Instant::now());
     node.apply_membership(&membership.borrow_and_update());
     tracing::info!(
         name = %config.name,

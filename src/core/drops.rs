@@ -30,12 +30,14 @@ pub enum DropReason {
     CryptokeyMismatch,
     /// Decrypted, but the inner destination is not this host's subnet.
     NotForUs,
+    /// TAP mode: decrypted for a local address no container holds.
+    NoNeighbour,
     /// The device or socket refused a packet.
     IoError,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NotIpv4,
         DropReason::Malformed,
         DropReason::ForeignSource,
@@ -47,6 +49,7 @@ impl DropReason {
         DropReason::Rejected,
         DropReason::CryptokeyMismatch,
         DropReason::NotForUs,
+        DropReason::NoNeighbour,
         DropReason::IoError,
     ];
 
@@ -63,6 +66,7 @@ impl DropReason {
             DropReason::Rejected => "rejected",
             DropReason::CryptokeyMismatch => "cryptokey_mismatch",
             DropReason::NotForUs => "not_for_us",
+            DropReason::NoNeighbour => "no_neighbour",
             DropReason::IoError => "io_error",
         }
     }

@@ -6,16 +6,20 @@
 //! (boringtun's `Tunn` keeps its own protocol timers; everything meshnet
 //! decides is driven by the `now` passed in.)
 
+pub mod arp;
 pub mod drops;
+pub mod ethernet;
+pub mod ipam;
 pub mod liveness;
 pub mod node;
 pub mod outbox;
 pub mod packet;
 pub mod peer;
 pub mod route;
+pub mod service;
 
 pub use drops::{DropCounters, DropReason};
 pub use liveness::PeerState;
-pub use node::{Identity, Node};
+pub use node::{Identity, LinkMode, Node};
 pub use outbox::Outbox;
 pub use peer::PeerStatus;

@@ -20,10 +20,13 @@ use boringtun::x25519;
 use ipnet::Ipv4Net;
 use tracing::{info, trace, warn};
 
+use super::arp::{self, ArpResponder, ArpVerdict};
+use super::ethernet::{ETHERNET_HEADER, ETHERTYPE_ARP, ETHERTYPE_IPV4, Frame, Mac, write_header};
 use super::outbox::{Outbox, Placed};
 use super::packet::{self, ICMP_ERROR_MAX};
 use super::peer::{Peer, PeerStatus};
 use super::route::RouteTable;
+use super::service::{self, SERVICE_ADDRESS};
 use super::{DropCounters, DropReason, PeerState};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::membership::{self, Membership, PeerSpec};
@@ -42,6 +45,31 @@ pub struct Identity {
     pub name: String,
     pub private_key: PrivateKey,
     pub subnet: Ipv4Net,
+    pub overlay: Ipv4Net,
+}
+
+/// What the overlay device carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMode {
+    /// IP packets (a TUN device).
+    Tun,
+    /// Ethernet frames (a TAP device on the bridge the containers share).
+    Tap,
+}
+
+/// TAP mode's view of the local link.
+struct Tap {
+    agent_mac: Mac,
+    /// Local addresses and the MACs that own them: the host's own address
+    /// (the bridge) and every attached container, as told at attach time.
+    neighbours: HashMap<Ipv4Addr, Mac>,
+    arp: ArpResponder,
+}
+
+impl<T> arp::Owners for RouteTable<T> {
+    fn remote(&self, addr: Ipv4Addr) -> bool {
+        self.lookup(addr).is_some()
+    }
 }
 
 /// Host-level view for `meshctl status`.
@@ -66,12 +94,29 @@ pub struct Node {
     drops: DropCounters,
     icmp_budget: u32,
     icmp_window: Instant,
+    tap: Option<Tap>,
 }
 
 impl Node {
-    pub fn new(identity: &Identity, now: Instant) -> Self {
+    pub fn new(identity: &Identity, mode: LinkMode, now: Instant) -> Self {
         let public_key = identity.private_key.public_key();
+        let tap = (mode == LinkMode::Tap).then(|| {
+            let agent_mac = Mac::of_agent(&public_key);
+            let host = membership::host_address(identity.subnet);
+            Tap {
+                agent_mac,
+                neighbours: HashMap::from([(host, Mac::of_bridge(&public_key))]),
+                arp: ArpResponder::new(
+                    agent_mac,
+                    identity.overlay,
+                    identity.subnet,
+                    SERVICE_ADDRESS,
+                    now,
+                ),
+            }
+        });
         Self {
+            tap,
             secret: identity.private_key.to_x25519(),
             public: public_key.to_x25519(),
             subnet: identity.subnet,
@@ -86,6 +131,57 @@ impl Node {
             drops: DropCounters::default(),
             icmp_budget: ICMP_ERRORS_PER_SECOND,
             icmp_window: now,
+        }
+    }
+
+    /// TAP mode: the MAC the agent answers ARP with and sends from.
+    pub fn agent_mac(&self) -> Option<Mac> {
+        self.tap.as_ref().map(|t| t.agent_mac)
+    }
+
+    /// TAP mode: a local address is now held by `mac` (an attach).
+    pub fn set_neighbour(&mut self, addr: Ipv4Addr, mac: Mac) {
+        if let Some(tap) = self.tap.as_mut() {
+            tap.neighbours.insert(addr, mac);
+        }
+    }
+
+    /// TAP mode: a local address is free again (a detach).
+    pub fn remove_neighbour(&mut self, addr: Ipv4Addr) {
+        if let Some(tap) = self.tap.as_mut() {
+            tap.neighbours.remove(&addr);
+        }
+    }
+
+    /// TAP mode: a frame the bridge passed to the agent. ARP requests are
+    /// answered; IPv4 frames addressed to the agent's MAC are routed like
+    /// TUN packets; anything else (the bridge floods) is not for us.
+    pub fn handle_device_frame(&mut self, now: Instant, frame: &[u8], out: &mut Outbox) {
+        let Some(tap) = self.tap.as_mut() else {
+            return self.drop(DropReason::Malformed);
+        };
+        let Some(frame) = Frame::parse(frame) else {
+            return self.drop(DropReason::Malformed);
+        };
+        if frame.ethertype == ETHERTYPE_ARP {
+            let room = out.spare(arp::REPLY_LEN);
+            let start = room.as_ptr();
+            if let ArpVerdict::Reply(n) = tap.arp.handle(now, frame.payload, &self.routes, room) {
+                let placed = Placed::within(start, &room[..n]);
+                out.commit_device(placed);
+            }
+            return;
+        }
+        if frame.destination != tap.agent_mac || frame.ethertype != ETHERTYPE_IPV4 {
+            return;
+        }
+        let agent_mac = tap.agent_mac;
+        let packet = without_ethernet_padding(frame.payload);
+        match packet::ipv4_addresses(packet) {
+            Ok(a) if a.destination == SERVICE_ADDRESS => {
+                self.answer_service(packet, frame.source, agent_mac, out)
+            }
+            _ => self.handle_device_packet(now, packet, out),
         }
     }
 
@@ -158,12 +254,17 @@ impl Node {
             Err(_) => return self.drop(DropReason::InvalidDatagram),
         };
         let subnet = self.subnet;
+        let headroom = self.headroom();
         let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
             return self.drop(DropReason::UnknownIndex);
         };
-        if let Err(reason) = peer.receive(now, from, datagram, subnet, out) {
-            peer.count_drop();
-            self.drop(reason);
+        match peer.receive(now, from, datagram, subnet, headroom, out) {
+            Ok(Some(placed)) => self.deliver(placed, out),
+            Ok(None) => {}
+            Err(reason) => {
+                peer.count_drop();
+                self.drop(reason);
+            }
         }
     }
 
@@ -253,13 +354,54 @@ impl Node {
         if self.icmp_budget == 0 {
             return;
         }
-        let room = out.spare(ICMP_ERROR_MAX);
+        let headroom = self.headroom();
+        let room = out.spare(headroom + ICMP_ERROR_MAX);
         let start = room.as_ptr();
-        if let Some(len) = packet::host_unreachable(packet, room) {
-            let placed = Placed::within(start, &room[..len]);
+        if let Some(len) = packet::host_unreachable(packet, &mut room[headroom..]) {
+            let placed = Placed::within(start, &room[headroom..headroom + len]);
             self.icmp_budget -= 1;
-            out.commit_device(placed);
+            self.deliver(placed, out);
         }
+    }
+
+    /// Bytes kept free before packets bound for the device, so TAP mode can
+    /// frame them in place.
+    fn headroom(&self) -> usize {
+        if self.tap.is_some() {
+            ETHERNET_HEADER
+        } else {
+            0
+        }
+    }
+
+    /// Hands a placed IP packet to the device; in TAP mode framed for the
+    /// MAC that holds its destination.
+    fn deliver(&mut self, placed: Placed, out: &mut Outbox) {
+        let Some(tap) = &self.tap else {
+            return out.commit_device(placed);
+        };
+        let destination = out
+            .placed_bytes(placed)
+            .get(16..20)
+            .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]));
+        let Some(mac) = destination.and_then(|d| tap.neighbours.get(&d).copied()) else {
+            return self.drop(DropReason::NoNeighbour);
+        };
+        let mut header = [0u8; ETHERNET_HEADER];
+        write_header(&mut header, mac, tap.agent_mac, ETHERTYPE_IPV4);
+        out.commit_device_framed(placed, &header);
+    }
+
+    /// Answers what the agent serves itself at the service address.
+    fn answer_service(&mut self, packet: &[u8], asker: Mac, agent_mac: Mac, out: &mut Outbox) {
+        let room = out.spare(ETHERNET_HEADER + packet.len().max(64));
+        let start = room.as_ptr();
+        let Some(n) = service::echo_reply(packet, &mut room[ETHERNET_HEADER..]) else {
+            return;
+        };
+        write_header(room, asker, agent_mac, ETHERTYPE_IPV4);
+        let placed = Placed::within(start, &room[..ETHERNET_HEADER + n]);
+        out.commit_device(placed);
     }
 
     fn upsert_peer(&mut self, spec: &PeerSpec) {
@@ -321,6 +463,17 @@ impl Node {
             info!(peer = %peer.spec().name, "peer removed");
         }
         self.free_slots.push(slot);
+    }
+}
+
+/// An IPv4 packet without the padding a minimum-size Ethernet frame adds.
+fn without_ethernet_padding(payload: &[u8]) -> &[u8] {
+    match payload.get(2..4) {
+        Some(len) => {
+            let total = usize::from(u16::from_be_bytes([len[0], len[1]]));
+            &payload[..total.clamp(payload.len().min(20), payload.len())]
+        }
+        None => payload,
     }
 }
 

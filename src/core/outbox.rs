@@ -63,6 +63,29 @@ impl Outbox {
         self.device.push(range);
     }
 
+    /// Keeps the packet at `placed` as a frame for the device, with
+    /// `header` written into the headroom just before it (the packet must
+    /// have been placed at least `header.len()` bytes into its room).
+    pub fn commit_device_framed(&mut self, placed: Placed, header: &[u8]) {
+        assert!(
+            placed.offset >= header.len(),
+            "no headroom for the frame header"
+        );
+        let framed = Placed {
+            offset: placed.offset - header.len(),
+            len: placed.len + header.len(),
+        };
+        let start = self.used + framed.offset;
+        self.arena[start..start + header.len()].copy_from_slice(header);
+        self.commit_device(framed);
+    }
+
+    /// The bytes of a placed, not yet committed packet.
+    pub fn placed_bytes(&self, placed: Placed) -> &[u8] {
+        let start = self.used + placed.offset;
+        &self.arena[start..start + placed.len]
+    }
+
     pub fn network(&self) -> impl ExactSizeIterator<Item = (SocketAddr, &[u8])> {
         self.network
             .iter()
@@ -156,6 +179,22 @@ mod tests {
         assert!(out.is_empty());
         let _ = out.spare(100);
         assert_eq!(out.arena.len(), grown, "a cleared outbox reuses its arena");
+    }
+
+    #[test]
+    fn framed_commits_prepend_the_header_in_the_headroom() {
+        let mut out = Outbox::with_capacity(64);
+        let room = out.spare(30);
+        let start = room.as_ptr();
+        room[14..17].copy_from_slice(b"abc");
+        let placed = Placed::within(start, &room[14..17]);
+        assert_eq!(out.placed_bytes(placed), b"abc");
+        out.commit_device_framed(placed, &[9; 14]);
+        let frames: Vec<_> = out.device().collect();
+        assert_eq!(
+            frames,
+            vec![&[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, b'a', b'b', b'c'][..]]
+        );
     }
 
     #[test]

@@ -147,20 +147,25 @@ impl Peer {
         }
     }
 
-    /// Handles a datagram routed to this peer; decrypted packets for this
-    /// host go to the device.
+    /// Handles a datagram routed to this peer. A decrypted packet for this
+    /// host is returned, placed `headroom` bytes into its room so the caller
+    /// can frame it, for the caller to deliver.
     pub(crate) fn receive(
         &mut self,
         now: Instant,
         from: SocketAddr,
         datagram: &[u8],
         host_subnet: Ipv4Net,
+        headroom: usize,
         out: &mut Outbox,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<Placed>, DropReason> {
         let kind = datagram.first().copied().unwrap_or(0);
-        let room = out.spare(datagram.len().max(MIN_ROOM));
+        let room = out.spare(headroom + datagram.len().max(MIN_ROOM));
         let start = room.as_ptr();
-        match self.tunn.decapsulate(Some(from.ip()), datagram, room) {
+        match self
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut room[headroom..])
+        {
             TunnResult::WriteToNetwork(reply) => {
                 let is_cookie = reply.first() == Some(&MSG_COOKIE);
                 let placed = Placed::within(start, reply);
@@ -171,7 +176,7 @@ impl Peer {
                     self.authenticated(now, from, kind);
                     self.drain_queue(out);
                 }
-                Ok(())
+                Ok(None)
             }
             TunnResult::WriteToTunnelV4(packet, source) => {
                 let destination = packet
@@ -186,8 +191,7 @@ impl Peer {
                     return Err(DropReason::NotForUs);
                 }
                 self.rx_packets += 1;
-                out.commit_device(placed);
-                Ok(())
+                Ok(Some(placed))
             }
             TunnResult::WriteToTunnelV6(..) => {
                 self.authenticated(now, from, kind);
@@ -198,7 +202,7 @@ impl Peer {
                 if kind != MSG_COOKIE {
                     self.authenticated(now, from, kind);
                 }
-                Ok(())
+                Ok(None)
             }
             TunnResult::Err(e) => {
                 trace!(parent: &self.span, error = ?e, "rejected datagram");

@@ -50,6 +50,10 @@ fn spec(name: &str, d: &HostDef, with_endpoint: bool, keepalive: Option<u16>) ->
 impl Sim {
     /// A full mesh where every host knows every other's endpoint.
     fn mesh(defs: &[HostDef], keepalive: Option<u16>) -> Self {
+        Self::mesh_with_link(defs, keepalive, LinkMode::Tun)
+    }
+
+    fn mesh_with_link(defs: &[HostDef], keepalive: Option<u16>, mode: LinkMode) -> Self {
         let now = Instant::now();
         let hosts = defs
             .iter()
@@ -59,8 +63,9 @@ impl Sim {
                     name: format!("h{i}"),
                     private_key: d.key.clone(),
                     subnet: d.subnet.parse().unwrap(),
+                    overlay: "10.42.0.0/16".parse().unwrap(),
                 };
-                let mut node = Node::new(&identity, now);
+                let mut node = Node::new(&identity, mode, now);
                 let peers = defs
                     .iter()
                     .enumerate()
@@ -451,4 +456,246 @@ fn membership_changes_add_remove_and_keep_sessions() {
     sim.send_from_device(0, &ping);
     sim.run();
     assert_eq!(sim.hosts[2].delivered, vec![ping]);
+}
+
+mod tap {
+    use etherparse::{ArpEthIpv4Packet, ArpOperation};
+
+    use super::*;
+
+    const C1: Ipv4Addr = Ipv4Addr::new(10, 42, 1, 5);
+    const C2: Ipv4Addr = Ipv4Addr::new(10, 42, 2, 7);
+
+    fn pair() -> Sim {
+        let defs = vec![
+            def("10.42.1.0/24", "192.0.2.1:51820"),
+            def("10.42.2.0/24", "192.0.2.2:51820"),
+        ];
+        let mut sim = Sim::mesh_with_link(&defs, None, LinkMode::Tap);
+        sim.hosts[0].node.set_neighbour(C1, Mac::of_container(C1));
+        sim.hosts[1].node.set_neighbour(C2, Mac::of_container(C2));
+        sim
+    }
+
+    fn agent_mac(sim: &Sim, host: usize) -> Mac {
+        sim.hosts[host].node.agent_mac().unwrap()
+    }
+
+    fn frame(dst: Mac, src: Mac, ethertype: [u8; 2], payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; ETHERNET_HEADER];
+        write_header(&mut f, dst, src, ethertype);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+        let req = ArpEthIpv4Packet {
+            operation: ArpOperation::REQUEST,
+            sender_mac: Mac::of_container(C1).0,
+            sender_ipv4: C1.octets(),
+            target_mac: [0; 6],
+            target_ipv4: target.octets(),
+        };
+        frame(
+            Mac::BROADCAST,
+            Mac::of_container(C1),
+            ETHERTYPE_ARP,
+            &req.to_bytes(),
+        )
+    }
+
+    fn from_device(sim: &mut Sim, host: usize, frame: &[u8]) -> Vec<Vec<u8>> {
+        let h = &mut sim.hosts[host];
+        h.node.handle_device_frame(sim.now, frame, &mut h.out);
+        let frames = h.out.device().map(<[u8]>::to_vec).collect();
+        frames
+    }
+
+    #[test]
+    fn arp_for_a_remote_container_is_answered_with_the_agent_mac() {
+        let mut sim = pair();
+        let replies = from_device(&mut sim, 0, &arp_request(C2));
+        assert_eq!(replies.len(), 1);
+        let reply = Frame::parse(&replies[0]).unwrap();
+        assert_eq!(reply.destination, Mac::of_container(C1));
+        assert_eq!(reply.source, agent_mac(&sim, 0));
+        assert_eq!(reply.ethertype, ETHERTYPE_ARP);
+        sim.hosts[0].out.clear();
+        assert!(
+            from_device(&mut sim, 0, &arp_request(Ipv4Addr::new(10, 42, 1, 9))).is_empty(),
+            "answered for a local address"
+        );
+    }
+
+    #[test]
+    fn frames_to_the_agent_cross_the_mesh_and_arrive_framed_for_the_container() {
+        let mut sim = pair();
+        let packet = icmp_echo(C1.octets(), C2.octets(), b"hello container");
+        let sent = frame(
+            agent_mac(&sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &packet,
+        );
+        assert!(from_device(&mut sim, 0, &sent).is_empty());
+        sim.run();
+        let delivered = &sim.hosts[1].delivered;
+        assert_eq!(delivered.len(), 1);
+        let f = Frame::parse(&delivered[0]).unwrap();
+        assert_eq!(f.destination, Mac::of_container(C2));
+        assert_eq!(f.source, agent_mac(&sim, 1));
+        assert_eq!(f.ethertype, ETHERTYPE_IPV4);
+        assert_eq!(f.payload, &packet[..]);
+    }
+
+    #[test]
+    fn ethernet_padding_does_not_cross_the_tunnel() {
+        let mut sim = pair();
+        let mut packet = Vec::new();
+        PacketBuilder::ipv4(C1.octets(), C2.octets(), 64)
+            .udp(1, 2)
+            .write(&mut packet, b"")
+            .unwrap();
+        assert_eq!(packet.len(), 28);
+        let mut padded = packet.clone();
+        padded.resize(46, 0);
+        let sent = frame(
+            agent_mac(&sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &padded,
+        );
+        sim.send_frame_and_run(0, &sent);
+        let f = Frame::parse(&sim.hosts[1].delivered[0])
+            .unwrap()
+            .payload
+            .to_vec();
+        assert_eq!(f, packet);
+    }
+
+    #[test]
+    fn a_packet_for_a_local_address_nobody_holds_is_dropped() {
+        let mut sim = pair();
+        let packet = icmp_echo(C1.octets(), [10, 42, 2, 99], b"x");
+        let sent = frame(
+            agent_mac(&sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &packet,
+        );
+        sim.send_frame_and_run(0, &sent);
+        assert!(sim.hosts[1].delivered.is_empty());
+        assert_eq!(sim.hosts[1].node.drops().get(DropReason::NoNeighbour), 1);
+        // Once a container holds it, it is delivered; after detach, not.
+        sim.hosts[1]
+            .node
+            .set_neighbour(Ipv4Addr::new(10, 42, 2, 99), Mac([0x0a, 0, 0, 0, 0, 9]));
+        let sent = frame(
+            agent_mac(&sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &packet,
+        );
+        sim.send_frame_and_run(0, &sent);
+        assert_eq!(sim.hosts[1].delivered.len(), 1);
+        sim.hosts[1]
+            .node
+            .remove_neighbour(Ipv4Addr::new(10, 42, 2, 99));
+        let sent = frame(
+            agent_mac(&sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &packet,
+        );
+        sim.send_frame_and_run(0, &sent);
+        assert_eq!(sim.hosts[1].delivered.len(), 1);
+    }
+
+    #[test]
+    fn the_host_address_is_delivered_to_the_bridge() {
+        let mut sim = pair();
+        let packet = icmp_echo(C1.octets(), [10, 42, 2, 1], b"to the host");
+        let sent = frame(
+            agent_mac(&sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &packet,
+        );
+        sim.send_frame_and_run(0, &sent);
+        let f = Frame::parse(&sim.hosts[1].delivered[0]).unwrap();
+        let bridge = Mac::of_bridge(&sim.hosts[1].node_public_key());
+        assert_eq!(f.destination, bridge);
+    }
+
+    #[test]
+    fn frames_for_other_macs_are_not_the_agents_business() {
+        let mut sim = pair();
+        let packet = icmp_echo(C1.octets(), C2.octets(), b"x");
+        let other = frame(
+            Mac([0x0a, 1, 1, 1, 1, 1]),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &packet,
+        );
+        assert!(from_device(&mut sim, 0, &other).is_empty());
+        assert_eq!(sim.hosts[0].out.network().len(), 0);
+        assert_eq!(sim.hosts[0].node.drops().total(), 0);
+    }
+
+    #[test]
+    fn ping_to_the_service_address_is_answered_by_the_agent() {
+        let mut sim = pair();
+        let ping = icmp_echo(C1.octets(), SERVICE_ADDRESS.octets(), b"health");
+        let sent = frame(
+            agent_mac(&sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &ping,
+        );
+        let replies = from_device(&mut sim, 0, &sent);
+        assert_eq!(replies.len(), 1);
+        let f = Frame::parse(&replies[0]).unwrap();
+        assert_eq!(f.destination, Mac::of_container(C1));
+        assert_eq!(&f.payload[12..16], &SERVICE_ADDRESS.octets());
+        assert_eq!(f.payload[20], 0, "echo reply");
+        assert_eq!(sim.hosts[0].out.network().len(), 0);
+    }
+
+    #[test]
+    fn unreachable_errors_go_back_to_the_container_framed() {
+        let mut sim = pair();
+        let packet = icmp_echo(C1.octets(), [10, 42, 99, 1], b"x");
+        let sent = frame(
+            agent_mac(&sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            &packet,
+        );
+        let replies = from_device(&mut sim, 0, &sent);
+        assert_eq!(replies.len(), 1);
+        let f = Frame::parse(&replies[0]).unwrap();
+        assert_eq!(f.destination, Mac::of_container(C1));
+        assert_eq!(f.payload[20], 3, "destination unreachable");
+    }
+
+    #[test]
+    fn garbage_frames_are_counted() {
+        let mut sim = pair();
+        assert!(from_device(&mut sim, 0, &[1, 2, 3]).is_empty());
+        assert_eq!(sim.hosts[0].node.drops().get(DropReason::Malformed), 1);
+    }
+}
+
+impl Sim {
+    fn send_frame_and_run(&mut self, host: usize, frame: &[u8]) {
+        let h = &mut self.hosts[host];
+        h.node.handle_device_frame(self.now, frame, &mut h.out);
+        self.run();
+    }
+}
+
+impl Host {
+    fn node_public_key(&self) -> PublicKey {
+        PublicKey::from(*self.node.public.as_bytes())
+    }
 }
