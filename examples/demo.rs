@@ -16,6 +16,7 @@ fn main() -> Result<()> {
     let options = MeshOptions {
         hosts: 3,
         keepalive: Some(5),
+        ..MeshOptions::default()
     };
     println!(
         "== Building 3 hosts (network namespaces h1, h2, h3) on a bridged underlay 192.0.2.0/24"

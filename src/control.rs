@@ -15,10 +15,13 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::core::PeerStatus;
+use crate::core::ethernet::Mac;
+use crate::core::ipam::Container;
 use crate::keys::PublicKey;
 
-/// Longest a request may take before the client gives up.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a request may take before the client gives up (an attach runs
+/// a handful of `ip` commands).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest request line the agent reads; requests are tiny.
 pub const MAX_REQUEST: usize = 4096;
 
@@ -27,6 +30,19 @@ pub const MAX_REQUEST: usize = 4096;
 pub enum Request {
     Peers,
     Status,
+    Containers,
+    Attach(AttachRequest),
+    Detach { netns: String },
+}
+
+/// `meshctl attach`: give the container in `netns` an overlay address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub netns: String,
+    pub name: String,
+    pub stack: Option<String>,
+    pub service: Option<String>,
+    pub ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +50,8 @@ pub enum Request {
 pub enum Response {
     Peers(Vec<PeerStatus>),
     Status(HostStatus),
+    Containers(Vec<Container>),
+    Container(Container),
     Error(String),
 }
 
@@ -43,7 +61,13 @@ pub struct HostStatus {
     pub name: String,
     pub public_key: PublicKey,
     pub listen: SocketAddr,
+    /// "tun" or "tap".
+    pub mode: String,
     pub device: String,
+    /// TAP mode: the bridge, the agent's MAC, and how many containers.
+    pub bridge: Option<String>,
+    pub agent_mac: Option<Mac>,
+    pub containers: Option<usize>,
     pub mtu: u16,
     pub address: Ipv4Addr,
     pub subnet: Ipv4Net,
@@ -111,6 +135,19 @@ mod tests {
         );
         let back: Request = serde_json::from_str(r#"{"request":"status"}"#).unwrap();
         assert_eq!(back, Request::Status);
+        let attach = Request::Attach(AttachRequest {
+            netns: "c1".into(),
+            name: "web".into(),
+            stack: Some("shop".into()),
+            service: None,
+            ip: Some(Ipv4Addr::new(10, 42, 1, 9)),
+        });
+        let line = serde_json::to_string(&attach).unwrap();
+        assert!(
+            line.starts_with(r#"{"request":"attach","netns":"c1""#),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), attach);
     }
 
     #[test]

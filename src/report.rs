@@ -7,6 +7,7 @@ use std::fmt::Write;
 
 use crate::control::HostStatus;
 use crate::core::PeerStatus;
+use crate::core::ipam::Container;
 
 /// "12 seconds ago", "1 minute, 5 seconds ago", "never".
 pub fn ago(secs: Option<u64>) -> String {
@@ -99,7 +100,10 @@ pub fn status(h: &HostStatus) -> String {
     let _ = writeln!(s, "host: {}", h.name);
     let _ = writeln!(s, "  public key: {}", h.public_key);
     let _ = writeln!(s, "  listening on: {}", h.listen);
-    let _ = writeln!(s, "  device: {} (mtu {})", h.device, h.mtu);
+    let _ = writeln!(s, "  device: {} ({} mode, mtu {})", h.device, h.mode, h.mtu);
+    if let (Some(bridge), Some(mac)) = (&h.bridge, h.agent_mac) {
+        let _ = writeln!(s, "  bridge: {bridge} (agent MAC {mac})");
+    }
     let _ = writeln!(s, "  address: {}/{}", h.address, h.overlay.prefix_len());
     let _ = writeln!(s, "  subnet: {} (overlay {})", h.subnet, h.overlay);
     let _ = writeln!(s, "  uptime: {}", duration(h.uptime_secs));
@@ -108,11 +112,51 @@ pub fn status(h: &HostStatus) -> String {
         "  peers: {} ({} up, {} connecting, {} down)",
         h.peers, h.peers_up, h.peers_connecting, h.peers_down
     );
+    if let Some(n) = h.containers {
+        let _ = writeln!(s, "  containers: {n}");
+    }
     if h.dropped.is_empty() {
         let _ = writeln!(s, "  dropped: none");
     } else {
         let list: Vec<String> = h.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(s, "  dropped: {}", list.join(", "));
+    }
+    s
+}
+
+/// One row per container, aligned.
+pub fn containers(list: &[Container]) -> String {
+    if list.is_empty() {
+        return "no containers attached\n".to_owned();
+    }
+    let rows: Vec<[String; 6]> = list
+        .iter()
+        .map(|c| {
+            [
+                c.name.clone(),
+                c.stack.clone(),
+                c.service.clone().unwrap_or_else(|| "-".into()),
+                c.address.to_string(),
+                c.mac.to_string(),
+                c.netns.clone(),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "STACK", "SERVICE", "ADDRESS", "MAC", "NETNS"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut s = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(s, "{}", cells.join("  ").trim_end());
     }
     s
 }
@@ -140,6 +184,31 @@ mod tests {
         assert_eq!(bytes(1536), "1.50 KiB");
         assert_eq!(bytes(5 * 1024 * 1024), "5.00 MiB");
         assert_eq!(bytes(3 << 40), "3.00 TiB");
+    }
+
+    #[test]
+    fn containers_table_has_a_row_each() {
+        use crate::core::ethernet::Mac;
+        let addr = std::net::Ipv4Addr::new(10, 42, 1, 2);
+        let c = Container {
+            name: "web".into(),
+            stack: "shop".into(),
+            service: None,
+            netns: "c1".into(),
+            address: addr,
+            mac: Mac::of_container(addr),
+            host_veth: "mv0a2a0102".into(),
+        };
+        let text = containers(&[c]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("NAME"));
+        assert!(
+            lines[1].contains("web")
+                && lines[1].contains("10.42.1.2")
+                && lines[1].contains("0a:42:0a:2a:01:02")
+        );
+        assert_eq!(containers(&[]), "no containers attached\n");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::config::Mode;
 use crate::control::{self, Request, Response};
 use crate::core::PeerStatus;
 use crate::keys::PrivateKey;
@@ -64,6 +65,7 @@ pub struct MeshOptions {
     /// Persistent keepalive for every peer; also what makes a dead peer
     /// show as down within 2 x keepalive + 5 s.
     pub keepalive: Option<u16>,
+    pub mode: Mode,
 }
 
 impl Default for MeshOptions {
@@ -71,6 +73,7 @@ impl Default for MeshOptions {
         Self {
             hosts: 3,
             keepalive: Some(1),
+            mode: Mode::Tun,
         }
     }
 }
@@ -90,6 +93,7 @@ pub struct Host {
 /// A running set of namespaces; see the module docs.
 pub struct Testbed {
     pub bridge_ns: String,
+    base: String,
     pub hosts: Vec<Host>,
     pub bins: Binaries,
     dir: tempfile::TempDir,
@@ -114,6 +118,7 @@ impl Testbed {
             .tempdir()?;
         let mut bed = Self {
             bridge_ns: format!("{base}-sw"),
+            base: base.clone(),
             hosts: Vec::new(),
             bins,
             dir,
@@ -204,6 +209,13 @@ impl Testbed {
                 i + 1,
                 host.socket.display()
             );
+            if options.mode == Mode::Tap {
+                let state = self.dir.path().join(format!("{}-state", host.name));
+                text.push_str(&format!(
+                    "mode = \"tap\"\nstate_dir = \"{}\"\n",
+                    state.display()
+                ));
+            }
             for (j, peer) in self.hosts.iter().enumerate().filter(|(j, _)| *j != i) {
                 text.push_str(&format!(
                     "\n[[peer]]\nname = \"{}\"\npublic_key = \"{}\"\nendpoint = \"{}:51820\"\nsubnet = \"10.42.{}.0/24\"\n",
@@ -360,6 +372,39 @@ impl Testbed {
             Response::Status(s) => Ok(s),
             other => bail!("unexpected response {other:?}"),
         }
+    }
+
+    /// Creates a network namespace standing for a container on host `i`
+    /// (removed with the testbed) and returns its name.
+    pub fn add_container_ns(&mut self, i: usize, name: &str) -> Result<String> {
+        let ns = format!("{}-{}-{name}", self.base, self.hosts[i].name);
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        Ok(ns)
+    }
+
+    /// `meshctl attach` on host `i`; returns the address it printed.
+    pub fn attach(&self, i: usize, netns: &str, name: &str, extra: &[&str]) -> Result<Ipv4Addr> {
+        let mut args = vec!["attach", "--netns", netns, "--name", name];
+        args.extend_from_slice(extra);
+        let out = self.meshctl(i, &args)?;
+        ensure!(
+            out.status.success(),
+            "attach failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    }
+
+    /// Host `i`'s containers, through `meshctl containers --json`.
+    pub fn containers(&self, i: usize) -> Result<Vec<crate::core::ipam::Container>> {
+        let out = self.meshctl(i, &["containers", "--json"])?;
+        ensure!(
+            out.status.success(),
+            "meshctl containers failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     /// Starts a packet capture on `iface` in namespace `ns`.

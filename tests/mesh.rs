@@ -255,6 +255,7 @@ fn sigterm_removes_device_and_socket_and_a_second_agent_is_refused() {
     let opts = MeshOptions {
         hosts: 2,
         keepalive: None,
+        ..MeshOptions::default()
     };
     let mut bed = Testbed::new("term", &opts, bins()).unwrap();
     bed.start_all().unwrap();
@@ -362,6 +363,7 @@ fn a_deleted_device_stops_the_agent_with_a_clear_error() {
     let opts = MeshOptions {
         hosts: 2,
         keepalive: None,
+        ..MeshOptions::default()
     };
     let mut bed = Testbed::new("lost", &opts, bins()).unwrap();
     bed.start_all().unwrap();

@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{AsyncDevice, DeviceBuilder, Layer};
 
 /// Underlay overhead WireGuard needs in the worst case (IPv6 underlay):
 /// 40 IPv6 + 8 UDP + 32 WireGuard.
@@ -81,24 +81,36 @@ pub fn create_tun(
     prefix: u8,
     mtu: u16,
 ) -> Result<AsyncDevice, DeviceError> {
-    let device = DeviceBuilder::new()
+    let builder = DeviceBuilder::new()
         .name(name)
         .ipv4(address, prefix, None)
-        .mtu(mtu)
-        .build_async()
-        .map_err(|source| {
-            let hint = match source.raw_os_error() {
-                Some(16) => " (a device of that name is in use: is another meshd running?)",
-                Some(1) | Some(13) => " (creating devices needs root or CAP_NET_ADMIN)",
-                Some(2) | Some(19) => " (is /dev/net/tun available? load the tun module)",
-                _ => "",
-            };
-            DeviceError {
-                name: name.to_owned(),
-                source,
-                hint,
-            }
-        })?;
+        .mtu(mtu);
+    build(builder, name)
+}
+
+/// Creates the TAP device, up, without an address (the host's address
+/// lives on the bridge the device joins).
+pub fn create_tap(name: &str, mtu: u16) -> Result<AsyncDevice, DeviceError> {
+    build(
+        DeviceBuilder::new().name(name).layer(Layer::L2).mtu(mtu),
+        name,
+    )
+}
+
+fn build(builder: DeviceBuilder, name: &str) -> Result<AsyncDevice, DeviceError> {
+    let device = builder.build_async().map_err(|source| {
+        let hint = match source.raw_os_error() {
+            Some(16) => " (a device of that name is in use: is another meshd running?)",
+            Some(1) | Some(13) => " (creating devices needs root or CAP_NET_ADMIN)",
+            Some(2) | Some(19) => " (is /dev/net/tun available? load the tun module)",
+            _ => "",
+        };
+        DeviceError {
+            name: name.to_owned(),
+            source,
+            hint,
+        }
+    })?;
     disable_ipv6(name);
     Ok(device)
 }

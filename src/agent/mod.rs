@@ -1,14 +1,18 @@
-//! The IO shell: moves bytes between the TUN device, the underlay UDP
+//! The IO shell: moves bytes between the overlay device, the underlay UDP
 //! socket and the core, drives its timers, and answers the control socket.
 //!
 //! One task owns the `Node` and selects over device, socket, timer, control
-//! requests and membership changes; each wake-up reads a batch of what is
-//! ready and flushes the core's `Outbox` in one go. Must never: make a
-//! decision about a packet (that is the core's job), spawn a task or take a
-//! lock per packet, or wait on a membership source in the data path.
+//! requests, membership changes and finished container operations; each
+//! wake-up reads a batch of what is ready and flushes the core's `Outbox`
+//! in one go. Must never: make a decision about a packet (that is the
+//! core's job), spawn a task or take a lock per packet, or wait on a
+//! membership source or an `ip` command in the data path.
 
+pub mod containers;
 pub mod control_server;
 pub mod device;
+pub mod netops;
+pub mod state;
 pub mod underlay;
 
 use std::future::Future;
@@ -19,12 +23,16 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tun_rs::AsyncDevice;
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::control::{HostStatus, Request, Response};
+use crate::core::ethernet::Mac;
 use crate::core::{Identity, LinkMode, Node, Outbox};
 use crate::membership::{self, Membership};
+use containers::{Containers, OpDone};
 use control_server::{ControlRequest, ControlSocket, ControlSocketError};
 use device::DeviceError;
+use netops::NetopsError;
+use state::StateError;
 use underlay::UnderlayError;
 
 /// boringtun wants its timers driven every 100-250 ms.
@@ -32,7 +40,7 @@ const TICK: Duration = Duration::from_millis(100);
 /// Packets read per wake-up before the loop looks at other sources again:
 /// enough to amortise the wake-up, small enough to keep latency fair.
 const BATCH: usize = 64;
-/// Largest packet read from the device or socket.
+/// Largest packet or frame read from the device or socket.
 const READ_BUFFER: usize = 65536;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +51,10 @@ pub enum AgentError {
     Underlay(#[from] UnderlayError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("setting up bridge: {0}")]
+    Bridge(#[from] NetopsError),
     #[error("the overlay device {device} failed: {source}; was it deleted?")]
     DeviceLost {
         device: String,
@@ -52,14 +64,15 @@ pub enum AgentError {
 
 /// Runs the agent until `shutdown` completes. Peers come from `membership`
 /// (its current value at start, then every change). The device and control
-/// socket are removed on return.
+/// socket are removed on return; in TAP mode the bridge and the containers
+/// on it stay, so local traffic survives an agent restart.
 pub async fn run(
     config: Config,
     mut membership: watch::Receiver<Membership>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    // Order matters: everything that can fail because of another running
-    // agent is checked before the device is created.
+    // Everything that can fail because of another running agent, or bad
+    // state, is checked before the device is created.
     control_server::clear_stale(&config.control_socket)?;
     let udp = underlay::bind(config.listen)?;
     let listen = udp.local_addr().unwrap_or(config.listen);
@@ -67,22 +80,43 @@ pub async fn run(
         .mtu
         .unwrap_or_else(|| device::inner_mtu(&device::system_interfaces(), &config.device));
     let address = membership::host_address(config.subnet);
-    let tun = device::create_tun(&config.device, address, config.overlay.prefix_len(), mtu)?;
-    let mut control = ControlSocket::bind(&config.control_socket)?;
-    let (control_tx, control_rx) = mpsc::channel(16);
-    control.serve(control_tx);
-
     let identity = Identity {
         name: config.name.clone(),
         private_key: config.private_key.clone(),
         subnet: config.subnet,
         overlay: config.overlay,
     };
-    let mut node = Node::new(&identity, LinkMode::Tun, Instant::now());
+    let (tun, containers, mut node) = match config.mode {
+        Mode::Tun => {
+            let tun =
+                device::create_tun(&config.device, address, config.overlay.prefix_len(), mtu)?;
+            (
+                tun,
+                None,
+                Node::new(&identity, LinkMode::Tun, Instant::now()),
+            )
+        }
+        Mode::Tap => {
+            let records = state::StateFile::in_dir(&config.state_dir).load()?;
+            let key = config.public_key();
+            let prefix = config.overlay.prefix_len();
+            netops::ensure_bridge(&config.bridge, Mac::of_bridge(&key), address, prefix, mtu)
+                .await?;
+            let tap = device::create_tap(&config.device, mtu)?;
+            netops::enslave(&config.device, &config.bridge).await?;
+            let mut node = Node::new(&identity, LinkMode::Tap, Instant::now());
+            let containers = Containers::restore(&config, mtu, records, &mut node).await?;
+            (tap, Some(containers), node)
+        }
+    };
+    let mut control = ControlSocket::bind(&config.control_socket)?;
+    let (control_tx, control_rx) = mpsc::channel(16);
+    control.serve(control_tx);
     node.apply_membership(&membership.borrow_and_update());
     tracing::info!(
         name = %config.name,
         public_key = %config.public_key(),
+        mode = ?config.mode,
         device = %config.device,
         address = %address,
         mtu,
@@ -91,16 +125,21 @@ pub async fn run(
         "meshd running"
     );
 
+    let (ops_tx, ops_rx) = mpsc::channel(16);
     let shell = Shell {
         config,
         node,
         udp,
-        tun,
+        device: tun,
         mtu,
         listen,
         started: Instant::now(),
+        containers,
+        ops: ops_tx,
     };
-    let result = shell.serve(control_rx, &mut membership, shutdown).await;
+    let result = shell
+        .serve(control_rx, ops_rx, &mut membership, shutdown)
+        .await;
     drop(control);
     if result.is_ok() {
         tracing::info!("meshd stopped; device and control socket removed");
@@ -112,16 +151,21 @@ struct Shell {
     config: Config,
     node: Node,
     udp: UdpSocket,
-    tun: AsyncDevice,
+    device: AsyncDevice,
     mtu: u16,
     listen: SocketAddr,
     started: Instant,
+    /// TAP mode: attached containers and their plumbing.
+    containers: Option<Containers>,
+    /// Where background container operations report back.
+    ops: mpsc::Sender<OpDone>,
 }
 
 impl Shell {
     async fn serve(
         mut self,
         mut control: mpsc::Receiver<ControlRequest>,
+        mut ops: mpsc::Receiver<OpDone>,
         membership: &mut watch::Receiver<Membership>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
@@ -136,9 +180,8 @@ impl Shell {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = tick.tick() => self.node.handle_timers(Instant::now(), &mut out),
-                Some((req, reply)) = control.recv() => {
-                    let _ = reply.send(self.answer(req));
-                }
+                Some((req, reply)) = control.recv() => self.answer(req, reply),
+                Some(done) = ops.recv() => self.finish_op(done),
                 changed = membership.changed(), if membership_open => match changed {
                     Ok(()) => self.node.apply_membership(&membership.borrow_and_update()),
                     Err(_) => membership_open = false,
@@ -155,13 +198,13 @@ impl Shell {
                     // Transient (an ICMP error surfacing on the socket).
                     Err(e) => tracing::debug!(error = %e, "underlay receive failed"),
                 },
-                read = self.tun.recv(&mut device_buf) => match read {
+                read = self.device.recv(&mut device_buf) => match read {
                     Ok(n) => {
                         let now = Instant::now();
-                        self.node.handle_device_packet(now, &device_buf[..n], &mut out);
+                        self.handle_device_input(now, &device_buf[..n], &mut out);
                         for _ in 1..BATCH {
-                            let Ok(n) = self.tun.try_recv(&mut device_buf) else { break };
-                            self.node.handle_device_packet(now, &device_buf[..n], &mut out);
+                            let Ok(n) = self.device.try_recv(&mut device_buf) else { break };
+                            self.handle_device_input(now, &device_buf[..n], &mut out);
                         }
                     }
                     Err(source) => {
@@ -174,6 +217,13 @@ impl Shell {
         Ok(())
     }
 
+    fn handle_device_input(&mut self, now: Instant, bytes: &[u8], out: &mut Outbox) {
+        match self.config.mode {
+            Mode::Tun => self.node.handle_device_packet(now, bytes, out),
+            Mode::Tap => self.node.handle_device_frame(now, bytes, out),
+        }
+    }
+
     /// Sends everything the core produced; a failed send is a counted drop.
     async fn flush(&mut self, out: &mut Outbox) {
         for (to, datagram) in out.network() {
@@ -183,7 +233,7 @@ impl Shell {
             }
         }
         for packet in out.device() {
-            if let Err(e) = self.tun.send(packet).await {
+            if let Err(e) = self.device.send(packet).await {
                 tracing::debug!(error = %e, "device write failed");
                 self.node.count_io_drop();
             }
@@ -191,34 +241,48 @@ impl Shell {
         out.clear();
     }
 
-    fn answer(&self, req: Request) -> Response {
+    fn answer(&mut self, req: Request, reply: tokio::sync::oneshot::Sender<Response>) {
         let now = Instant::now();
-        match req {
+        let response = match req {
             Request::Peers => Response::Peers(self.node.peer_statuses(now)),
-            Request::Status => {
-                let summary = self.node.summary(now);
-                Response::Status(HostStatus {
-                    name: self.config.name.clone(),
-                    public_key: self.config.public_key(),
-                    listen: self.listen,
-                    device: self.config.device.clone(),
-                    mtu: self.mtu,
-                    address: self.node.address(),
-                    subnet: self.config.subnet,
-                    overlay: self.config.overlay,
-                    uptime_secs: now.duration_since(self.started).as_secs(),
-                    peers: summary.peers,
-                    peers_up: summary.up,
-                    peers_connecting: summary.connecting,
-                    peers_down: summary.down,
-                    dropped: self
-                        .node
-                        .drops()
-                        .nonzero()
-                        .map(|(r, n)| (r.as_str().to_owned(), n))
-                        .collect(),
-                })
-            }
+            Request::Status => Response::Status(self.status(now)),
+            Request::Containers => match &self.containers {
+                Some(c) => Response::Containers(c.list()),
+                None => Response::Containers(Vec::new()),
+            },
+            Request::Attach(req) => return self.begin_attach(req, reply),
+            Request::Detach { netns } => return self.begin_detach(netns, reply),
+        };
+        let _ = reply.send(response);
+    }
+
+    fn status(&self, now: Instant) -> HostStatus {
+        let summary = self.node.summary(now);
+        let tap = self.config.mode == Mode::Tap;
+        HostStatus {
+            name: self.config.name.clone(),
+            public_key: self.config.public_key(),
+            listen: self.listen,
+            mode: if tap { "tap" } else { "tun" }.to_owned(),
+            device: self.config.device.clone(),
+            bridge: tap.then(|| self.config.bridge.clone()),
+            agent_mac: self.node.agent_mac(),
+            containers: self.containers.as_ref().map(|c| c.list().len()),
+            mtu: self.mtu,
+            address: self.node.address(),
+            subnet: self.config.subnet,
+            overlay: self.config.overlay,
+            uptime_secs: now.duration_since(self.started).as_secs(),
+            peers: summary.peers,
+            peers_up: summary.up,
+            peers_connecting: summary.connecting,
+            peers_down: summary.down,
+            dropped: self
+                .node
+                .drops()
+                .nonzero()
+                .map(|(r, n)| (r.as_str().to_owned(), n))
+                .collect(),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshnet::config::{DEFAULT_DEVICE, default_control_socket};
-use meshnet::control::{self, Request, Response};
+use meshnet::control::{self, AttachRequest, Request, Response};
 use meshnet::keys::PrivateKey;
 use meshnet::report;
 
@@ -42,6 +42,35 @@ enum Command {
     },
     /// Show this host: identity, addresses, uptime, peer counts, drops.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give the container in a network namespace an overlay address (TAP
+    /// mode): a veth into the namespace as eth0. Prints the address.
+    Attach {
+        /// The container's network namespace (`ip netns` name).
+        #[arg(long)]
+        netns: String,
+        /// The container's name (a DNS label).
+        #[arg(long)]
+        name: String,
+        /// Its stack [default: default].
+        #[arg(long)]
+        stack: Option<String>,
+        /// The service it is an instance of.
+        #[arg(long)]
+        service: Option<String>,
+        /// A specific address of this host's subnet instead of the next free.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+    },
+    /// Undo an attach: remove the veth, free the address.
+    Detach {
+        #[arg(long)]
+        netns: String,
+    },
+    /// List the containers attached on this host.
+    Containers {
         #[arg(long)]
         json: bool,
     },
@@ -86,6 +115,46 @@ fn run(args: Args) -> anyhow::Result<()> {
             Response::Status(status) if json => print_json(&status),
             Response::Status(status) => {
                 print!("{}", report::status(&status));
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected response: {other:?}"),
+        },
+        Command::Attach {
+            netns,
+            name,
+            stack,
+            service,
+            ip,
+        } => {
+            let req = Request::Attach(AttachRequest {
+                netns,
+                name,
+                stack,
+                service,
+                ip,
+            });
+            match control::request(&socket, &req)? {
+                Response::Container(c) => {
+                    println!("{}", c.address);
+                    Ok(())
+                }
+                other => anyhow::bail!("unexpected response: {other:?}"),
+            }
+        }
+        Command::Detach { netns } => match control::request(&socket, &Request::Detach { netns })? {
+            Response::Container(c) => {
+                println!(
+                    "detached {} ({}), address {} is free",
+                    c.name, c.netns, c.address
+                );
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected response: {other:?}"),
+        },
+        Command::Containers { json } => match control::request(&socket, &Request::Containers)? {
+            Response::Containers(list) if json => print_json(&list),
+            Response::Containers(list) => {
+                print!("{}", report::containers(&list));
                 Ok(())
             }
             other => anyhow::bail!("unexpected response: {other:?}"),

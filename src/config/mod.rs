@@ -22,6 +22,10 @@ pub const DEFAULT_OVERLAY: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 42, 0
 /// WireGuard's customary port.
 pub const DEFAULT_PORT: u16 = 51820;
 pub const DEFAULT_DEVICE: &str = "mesh0";
+/// TAP mode's bridge unless configured.
+pub const DEFAULT_BRIDGE: &str = "mesh-br0";
+/// Where persistent state lives unless configured (`<dir>/<device>`).
+pub const STATE_DIR: &str = "/var/lib/meshnet";
 /// Where control sockets live unless the config says otherwise.
 pub const CONTROL_SOCKET_DIR: &str = "/run/meshnet";
 
@@ -70,6 +74,10 @@ pub struct Config {
     pub device: String,
     pub mode: Mode,
     pub control_socket: PathBuf,
+    /// TAP mode: the bridge the device and containers share.
+    pub bridge: String,
+    /// Persistent state (container addresses).
+    pub state_dir: PathBuf,
     /// Inner MTU; `None` means underlay MTU minus 80.
     pub mtu: Option<u16>,
     pub membership: Membership,
@@ -97,6 +105,8 @@ struct RawConfig {
     device: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     control_socket: Option<Spanned<String>>,
+    bridge: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     #[serde(default)]
     peer: Vec<Spanned<RawPeer>>,
@@ -191,18 +201,30 @@ impl Validator<'_> {
         };
         let subnet = self.subnet(&raw.subnet, "subnet", overlay)?;
         let device = match &raw.device {
-            Some(d) => self.device(d)?,
+            Some(d) => self.interface(d, "device")?,
             None => DEFAULT_DEVICE.to_owned(),
+        };
+        let bridge = match &raw.bridge {
+            Some(b) if b.get_ref() == &device => {
+                return Err(self.error(
+                    b.span(),
+                    "bridge",
+                    "the bridge needs a name of its own, not the device's",
+                ));
+            }
+            Some(b) => self.interface(b, "bridge")?,
+            None => DEFAULT_BRIDGE.to_owned(),
+        };
+        let state_dir = match &raw.state_dir {
+            Some(d) if d.get_ref().is_empty() => {
+                return Err(self.error(d.span(), "state_dir", "must not be empty"));
+            }
+            Some(d) => PathBuf::from(d.get_ref()),
+            None => Path::new(STATE_DIR).join(&device),
         };
         let mode = match raw.mode.as_ref().map(|m| (m.get_ref().as_str(), m)) {
             None | Some(("tun", _)) => Mode::Tun,
-            Some(("tap", m)) => {
-                return Err(self.error(
-                    m.span(),
-                    "mode",
-                    "tap mode is not available yet; use \"tun\"",
-                ));
-            }
+            Some(("tap", _)) => Mode::Tap,
             Some((other, m)) => {
                 return Err(self.error(
                     m.span(),
@@ -235,6 +257,8 @@ impl Validator<'_> {
             device,
             mode,
             control_socket,
+            bridge,
+            state_dir,
             mtu,
             membership: Membership { peers },
         })
@@ -243,11 +267,7 @@ impl Validator<'_> {
     fn name(&self, name: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
         let n = name.get_ref();
         // Host names become DNS labels, so they follow the label rules.
-        let ok = !n.is_empty()
-            && n.len() <= 63
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !n.starts_with('-')
-            && !n.ends_with('-');
+        let ok = crate::membership::is_dns_label(n);
         if !ok {
             return Err(self.error(
                 name.span(),
@@ -322,7 +342,7 @@ impl Validator<'_> {
         Ok(net)
     }
 
-    fn device(&self, value: &Spanned<String>) -> Result<String, ConfigError> {
+    fn interface(&self, value: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
         let d = value.get_ref();
         // Linux interface names: at most 15 bytes, no '/', no whitespace.
         let ok = !d.is_empty()
@@ -334,7 +354,7 @@ impl Validator<'_> {
         if !ok {
             return Err(self.error(
                 value.span(),
-                "device",
+                key,
                 format!(
                     "{d:?} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
                 ),

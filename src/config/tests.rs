@@ -72,6 +72,8 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.mode, Mode::Tun);
     assert_eq!(c.control_socket, PathBuf::from("/run/meshnet/mesh0.sock"));
     assert_eq!(c.mtu, None);
+    assert_eq!(c.bridge, "mesh-br0");
+    assert_eq!(c.state_dir, PathBuf::from("/var/lib/meshnet/mesh0"));
     assert!(c.membership.peers.is_empty());
     assert_eq!(c.public_key(), f.own.public_key());
 }
@@ -115,6 +117,19 @@ subnet = "10.42.3.0/24"
     assert_eq!(p[0].keepalive, Some(25));
     assert_eq!(p[1].endpoint, None);
     assert_eq!(p[1].keepalive, None);
+}
+
+#[test]
+fn tap_mode_with_its_bridge_and_state_dir() {
+    let f = Fixture::new();
+    let c = f
+        .parse(&format!(
+            "{HEAD}mode = \"tap\"\nbridge = \"br-x\"\nstate_dir = \"/tmp/st\"\n"
+        ))
+        .unwrap();
+    assert_eq!(c.mode, Mode::Tap);
+    assert_eq!(c.bridge, "br-x");
+    assert_eq!(c.state_dir, PathBuf::from("/tmp/st"));
 }
 
 #[test]
@@ -277,9 +292,19 @@ fn invalid_values_are_rejected() {
     let f = Fixture::new();
     let cases = [
         (
-            format!("{HEAD}mode = \"tap\"\n"),
-            "mode",
-            "not available yet",
+            format!("{HEAD}bridge = \"mesh0\"\n"),
+            "bridge",
+            "name of its own",
+        ),
+        (
+            format!("{HEAD}bridge = \"a b\"\n"),
+            "bridge",
+            "not a valid interface name",
+        ),
+        (
+            format!("{HEAD}state_dir = \"\"\n"),
+            "state_dir",
+            "must not be empty",
         ),
         (format!("{HEAD}mode = \"l2\"\n"), "mode", "unknown mode"),
         (format!("{HEAD}mtu = 100\n"), "mtu", "not a usable MTU"),

@@ -507,8 +507,7 @@ mod tap {
     fn from_device(sim: &mut Sim, host: usize, frame: &[u8]) -> Vec<Vec<u8>> {
         let h = &mut sim.hosts[host];
         h.node.handle_device_frame(sim.now, frame, &mut h.out);
-        let frames = h.out.device().map(<[u8]>::to_vec).collect();
-        frames
+        h.out.device().map(<[u8]>::to_vec).collect()
     }
 
     #[test]

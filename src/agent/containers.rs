@@ -1,0 +1,274 @@
+//! TAP mode's containers: attach and detach as background operations, the
+//! IPAM table with its persistence, and restoring both after a restart.
+//!
+//! An attach reserves its address first (so concurrent attaches cannot
+//! collide), runs the `ip` plumbing in a task of its own, and is committed
+//! (neighbour entry, state file) or rolled back when the task reports.
+//! Must never: persist a container whose link was not made, or leave a
+//! reservation behind when an attach fails.
+
+use std::collections::HashSet;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::netops::{self, ContainerLink, NetopsError};
+use super::state::{StateError, StateFile};
+use super::{AgentError, Shell};
+use crate::config::Config;
+use crate::control::{AttachRequest, Response};
+use crate::core::Node;
+use crate::core::ethernet::Mac;
+use crate::core::ipam::{Container, DEFAULT_STACK, Ipam};
+use crate::membership::is_dns_label;
+
+pub struct Containers {
+    ipam: Ipam,
+    state: StateFile,
+    bridge: String,
+    mtu: u16,
+    prefix: u8,
+    /// Namespaces with an attach or detach under way.
+    busy: HashSet<String>,
+}
+
+/// A finished background operation, with the client waiting for it.
+pub enum OpDone {
+    Attached {
+        container: Container,
+        result: Result<(), NetopsError>,
+        reply: oneshot::Sender<Response>,
+    },
+    Detached {
+        container: Container,
+        result: Result<(), NetopsError>,
+        reply: oneshot::Sender<Response>,
+    },
+}
+
+impl Containers {
+    /// Rebuilds the table from saved state: containers whose link vanished
+    /// while the agent was down are freed, the rest are put back on the
+    /// bridge (which may be new) and into the node's neighbour table.
+    pub async fn restore(
+        config: &Config,
+        mtu: u16,
+        saved: Vec<Container>,
+        node: &mut Node,
+    ) -> Result<Self, AgentError> {
+        let (mut ipam, refused) = Ipam::restore(config.subnet, saved);
+        for (c, e) in refused {
+            warn!(container = %c.name, error = %e, "saved container refused");
+        }
+        let vanished: Vec<String> = ipam
+            .containers()
+            .filter(|c| !netops::link_exists(&c.host_veth))
+            .map(|c| c.netns.clone())
+            .collect();
+        for netns in vanished {
+            if let Some(c) = ipam.release(&netns) {
+                info!(container = %c.name, address = %c.address, "container vanished while the agent was down; address freed");
+            }
+        }
+        for c in ipam.containers() {
+            netops::enslave(&c.host_veth, &config.bridge).await?;
+            node.set_neighbour(c.address, c.mac);
+        }
+        let containers = Self {
+            ipam,
+            state: StateFile::in_dir(&config.state_dir),
+            bridge: config.bridge.clone(),
+            mtu,
+            prefix: config.overlay.prefix_len(),
+            busy: HashSet::new(),
+        };
+        containers.save()?;
+        info!(
+            containers = containers.ipam.containers().count(),
+            "containers restored"
+        );
+        Ok(containers)
+    }
+
+    pub fn list(&self) -> Vec<Container> {
+        self.ipam.containers().cloned().collect()
+    }
+
+    fn save(&self) -> Result<(), StateError> {
+        self.state.save(self.ipam.containers())
+    }
+
+    /// Checks an attach request and reserves its address.
+    fn reserve(&mut self, req: AttachRequest) -> Result<Container, String> {
+        let stack = req.stack.unwrap_or_else(|| DEFAULT_STACK.to_owned());
+        for (what, label) in [
+            ("container name", Some(&req.name)),
+            ("stack", Some(&stack)),
+            ("service", req.service.as_ref()),
+        ] {
+            if let Some(label) = label.filter(|l| !is_dns_label(l)) {
+                return Err(format!(
+                    "{what} {label:?} is not valid: use 1-63 letters, digits or '-'"
+                ));
+            }
+        }
+        if !netops::netns_exists(&req.netns) {
+            return Err(NetopsError::NoNamespace(req.netns).to_string());
+        }
+        if self.busy.contains(&req.netns) {
+            return Err(format!(
+                "an attach or detach of {} is already under way",
+                req.netns
+            ));
+        }
+        let address = self.ipam.choose(req.ip).map_err(|e| e.to_string())?;
+        let container = Container {
+            name: req.name,
+            stack,
+            service: req.service,
+            netns: req.netns,
+            address,
+            mac: Mac::of_container(address),
+            host_veth: netops::host_veth_name(address),
+        };
+        self.ipam
+            .insert(container.clone())
+            .map_err(|e| e.to_string())?;
+        self.busy.insert(container.netns.clone());
+        Ok(container)
+    }
+}
+
+impl Shell {
+    pub(super) fn begin_attach(&mut self, req: AttachRequest, reply: oneshot::Sender<Response>) {
+        let Some(containers) = self.containers.as_mut() else {
+            let _ = reply.send(Response::Error(tap_only("attach")));
+            return;
+        };
+        let container = match containers.reserve(req) {
+            Ok(c) => c,
+            Err(msg) => {
+                let _ = reply.send(Response::Error(msg));
+                return;
+            }
+        };
+        let (bridge, mtu, prefix) = (containers.bridge.clone(), containers.mtu, containers.prefix);
+        let ops = self.ops.clone();
+        tokio::spawn(async move {
+            let link = ContainerLink {
+                netns: &container.netns,
+                host_veth: &container.host_veth,
+                bridge: &bridge,
+                address: container.address,
+                prefix,
+                mac: container.mac,
+                mtu,
+            };
+            let result = netops::attach(&link).await;
+            report(
+                &ops,
+                OpDone::Attached {
+                    container,
+                    result,
+                    reply,
+                },
+            )
+            .await;
+        });
+    }
+
+    pub(super) fn begin_detach(&mut self, netns: String, reply: oneshot::Sender<Response>) {
+        let Some(containers) = self.containers.as_mut() else {
+            let _ = reply.send(Response::Error(tap_only("detach")));
+            return;
+        };
+        let Some(container) = containers.ipam.by_netns(&netns).cloned() else {
+            let _ = reply.send(Response::Error(format!(
+                "no container is attached in namespace {netns}"
+            )));
+            return;
+        };
+        if !containers.busy.insert(netns.clone()) {
+            let _ = reply.send(Response::Error(format!(
+                "an attach or detach of {netns} is already under way"
+            )));
+            return;
+        }
+        let ops = self.ops.clone();
+        tokio::spawn(async move {
+            let result = netops::detach(&container.host_veth).await;
+            report(
+                &ops,
+                OpDone::Detached {
+                    container,
+                    result,
+                    reply,
+                },
+            )
+            .await;
+        });
+    }
+
+    pub(super) fn finish_op(&mut self, done: OpDone) {
+        let Some(containers) = self.containers.as_mut() else {
+            return;
+        };
+        let (response, reply) = match done {
+            OpDone::Attached {
+                container,
+                result,
+                reply,
+            } => {
+                containers.busy.remove(&container.netns);
+                let response = match result.map_err(|e| e.to_string()).and_then(|()| {
+                    containers
+                        .save()
+                        .map_err(|e| format!("attached, but {e}; rolled back"))
+                }) {
+                    Ok(()) => {
+                        self.node.set_neighbour(container.address, container.mac);
+                        info!(container = %container.name, stack = %container.stack, address = %container.address, "container attached");
+                        Response::Container(container)
+                    }
+                    Err(msg) => {
+                        containers.ipam.release(&container.netns);
+                        let veth = container.host_veth.clone();
+                        tokio::spawn(async move { netops::detach(&veth).await });
+                        Response::Error(msg)
+                    }
+                };
+                (response, reply)
+            }
+            OpDone::Detached {
+                container,
+                result,
+                reply,
+            } => {
+                containers.busy.remove(&container.netns);
+                let response = match result {
+                    Ok(()) => {
+                        containers.ipam.release(&container.netns);
+                        self.node.remove_neighbour(container.address);
+                        info!(container = %container.name, address = %container.address, "container detached");
+                        match containers.save() {
+                            Ok(()) => Response::Container(container),
+                            Err(e) => Response::Error(format!("detached, but {e}")),
+                        }
+                    }
+                    Err(e) => Response::Error(e.to_string()),
+                };
+                (response, reply)
+            }
+        };
+        let _ = reply.send(response);
+    }
+}
+
+async fn report(ops: &mpsc::Sender<OpDone>, done: OpDone) {
+    // The agent is gone only when it is shutting down; nothing to report to.
+    let _ = ops.send(done).await;
+}
+
+fn tap_only(what: &str) -> String {
+    format!("{what} needs mode = \"tap\" in the agent's config (this agent runs in tun mode)")
+}

@@ -1,0 +1,323 @@
+//! Containers on the mesh (TAP mode): two hosts running the real meshd,
+//! containers as network namespaces attached with `meshctl attach`.
+//!
+//! Needs root, iproute2 and ping; fails (never skips) without them.
+
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use meshnet::config::Mode;
+use meshnet::core::PeerState;
+use meshnet::core::ethernet::Mac;
+use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
+
+fn bins() -> Binaries {
+    Binaries {
+        meshd: env!("CARGO_BIN_EXE_meshd").into(),
+        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
+    }
+}
+
+fn tap_mesh(tag: &str) -> Testbed {
+    let options = MeshOptions {
+        hosts: 2,
+        keepalive: Some(1),
+        mode: Mode::Tap,
+    };
+    let mut bed = Testbed::new(tag, &options, bins()).expect("building the testbed");
+    bed.start_all().expect("starting agents");
+    let up = wait_until(Duration::from_secs(15), || {
+        (0..2).all(|i| {
+            bed.peers(i)
+                .is_ok_and(|p| p.iter().all(|p| p.state == PeerState::Up))
+        })
+    });
+    assert!(up, "mesh did not come up:\n{}", bed.log(0));
+    bed
+}
+
+fn ping(bed: &Testbed, ns: &str, to: Ipv4Addr) -> bool {
+    let out = meshnet::testbed::exec_in(
+        ns,
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-q",
+            &to.to_string(),
+        ],
+    )
+    .unwrap();
+    out.status.success()
+        || panic!(
+            "ping {to} from {ns} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            bed.log(0)
+        )
+}
+
+/// The MAC `ns` has cached for `addr`.
+fn neighbour(ns: &str, addr: Ipv4Addr) -> Option<Mac> {
+    let out = meshnet::testbed::exec_in(ns, &["ip", "neigh", "show", &addr.to_string()]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "lladdr")?;
+    words.next()?.parse().ok()
+}
+
+fn agent_mac(bed: &Testbed, i: usize) -> Mac {
+    bed.status(i)
+        .unwrap()
+        .agent_mac
+        .expect("a TAP agent reports its MAC")
+}
+
+fn host_links(bed: &Testbed, i: usize) -> String {
+    String::from_utf8_lossy(&bed.exec(i, &["ip", "-o", "link"]).unwrap().stdout).into_owned()
+}
+
+#[test]
+fn containers_on_different_hosts_reach_each_other_through_proxy_arp() {
+    let mut bed = tap_mesh("ctr");
+    let (c1, c3, c2) = (
+        bed.add_container_ns(0, "c1").unwrap(),
+        bed.add_container_ns(0, "c3").unwrap(),
+        bed.add_container_ns(1, "c2").unwrap(),
+    );
+    let a1 = bed
+        .attach(0, &c1, "web", &["--stack", "shop", "--service", "web"])
+        .unwrap();
+    let a3 = bed.attach(0, &c3, "db", &["--stack", "shop"]).unwrap();
+    let a2 = bed.attach(1, &c2, "api", &[]).unwrap();
+    assert_eq!(
+        (a1, a3, a2),
+        (
+            Ipv4Addr::new(10, 42, 1, 2),
+            Ipv4Addr::new(10, 42, 1, 3),
+            Ipv4Addr::new(10, 42, 2, 2)
+        )
+    );
+
+    assert!(ping(&bed, &c1, a2), "across hosts");
+    assert!(ping(&bed, &c2, a1), "and back");
+    assert!(ping(&bed, &c1, a3), "same host");
+    assert!(
+        ping(&bed, &c1, Ipv4Addr::new(10, 42, 2, 1)),
+        "the other host itself"
+    );
+    assert!(
+        ping(&bed, &c1, Ipv4Addr::new(169, 254, 169, 250)),
+        "the agent's service address"
+    );
+
+    // A remote container sits at the agent's MAC; a local one at its own.
+    assert_eq!(neighbour(&c1, a2), Some(agent_mac(&bed, 0)));
+    let db = bed
+        .containers(0)
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "db")
+        .unwrap();
+    assert_eq!(neighbour(&c1, a3), Some(db.mac));
+    assert_ne!(db.mac, agent_mac(&bed, 0));
+
+    // The container got what attach promises.
+    let link = meshnet::testbed::exec_in(&c1, &["ip", "-o", "addr", "show", "eth0"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("10.42.1.2/16"),
+        "{link:?}"
+    );
+    let mtu = meshnet::testbed::exec_in(&c1, &["cat", "/sys/class/net/eth0/mtu"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&mtu.stdout).trim(), "1420");
+    let listed = bed.containers(0).unwrap();
+    let web = listed.iter().find(|c| c.name == "web").unwrap();
+    assert_eq!(
+        (
+            web.stack.as_str(),
+            web.service.as_deref(),
+            web.netns.as_str()
+        ),
+        ("shop", Some("web"), c1.as_str())
+    );
+}
+
+#[test]
+fn same_host_containers_talk_over_the_bridge_and_a_restart_keeps_every_address() {
+    let mut bed = tap_mesh("restart");
+    let (c1, c3, c2) = (
+        bed.add_container_ns(0, "c1").unwrap(),
+        bed.add_container_ns(0, "c3").unwrap(),
+        bed.add_container_ns(1, "c2").unwrap(),
+    );
+    let a1 = bed.attach(0, &c1, "web", &[]).unwrap();
+    let a3 = bed.attach(0, &c3, "db", &[]).unwrap();
+    let a2 = bed.attach(1, &c2, "api", &[]).unwrap();
+    let before = bed.containers(0).unwrap();
+
+    // With h1's agent gone, local traffic still flows: it never used it.
+    bed.stop(0).unwrap();
+    assert!(ping(&bed, &c1, a3));
+
+    bed.start(0).unwrap();
+    assert_eq!(
+        bed.containers(0).unwrap(),
+        before,
+        "addresses changed across a restart"
+    );
+    assert!(wait_until(Duration::from_secs(15), || bed
+        .peers(0)
+        .is_ok_and(|p| p[0].state == PeerState::Up)));
+    assert!(
+        ping(&bed, &c1, a2),
+        "traffic did not resume after the restart"
+    );
+
+    // The same after a crash.
+    bed.kill(0).unwrap();
+    bed.start(0).unwrap();
+    assert_eq!(bed.containers(0).unwrap(), before);
+    assert!(wait_until(Duration::from_secs(15), || bed
+        .peers(0)
+        .is_ok_and(|p| p[0].state == PeerState::Up)));
+    assert!(ping(&bed, &c2, a1));
+}
+
+#[test]
+fn detach_removes_the_veth_and_frees_the_address() {
+    let mut bed = tap_mesh("detach");
+    let c1 = bed.add_container_ns(0, "c1").unwrap();
+    let c4 = bed.add_container_ns(0, "c4").unwrap();
+    let a1 = bed.attach(0, &c1, "web", &[]).unwrap();
+    assert!(host_links(&bed, 0).contains("mv0a2a0102"));
+
+    let out = bed.meshctl(0, &["detach", "--netns", &c1]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let eth0 = meshnet::testbed::exec_in(&c1, &["ip", "link", "show", "eth0"]).unwrap();
+    assert!(!eth0.status.success(), "eth0 is still in the container");
+    assert!(
+        !host_links(&bed, 0).contains("mv0a2a0102"),
+        "host veth left behind"
+    );
+    assert!(bed.containers(0).unwrap().is_empty());
+
+    assert_eq!(
+        bed.attach(0, &c4, "other", &[]).unwrap(),
+        a1,
+        "the freed address was not reused"
+    );
+    let again = bed.meshctl(0, &["detach", "--netns", &c1]).unwrap();
+    assert!(!again.status.success());
+}
+
+#[test]
+fn bad_attaches_are_refused_clearly_and_leave_nothing_half_made() {
+    let mut bed = tap_mesh("bad");
+    let c1 = bed.add_container_ns(0, "c1").unwrap();
+    let c2 = bed.add_container_ns(0, "c2").unwrap();
+    let busy = bed.add_container_ns(0, "busy").unwrap();
+    let routed = bed.add_container_ns(0, "routed").unwrap();
+    let a1 = bed.attach(0, &c1, "web", &[]).unwrap();
+    let refuse = |args: &[&str], needle: &str| {
+        let mut full = vec!["attach"];
+        full.extend_from_slice(args);
+        let out = bed.meshctl(0, &full).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    };
+    refuse(
+        &["--netns", "no-such-ns-here", "--name", "x"],
+        "does not exist",
+    );
+    refuse(
+        &["--netns", &c2, "--name", "web"],
+        "already exists in stack default",
+    );
+    refuse(&["--netns", &c1, "--name", "again"], "already attached");
+    refuse(
+        &["--netns", &c2, "--name", "x", "--ip", &a1.to_string()],
+        "already held by container web",
+    );
+    refuse(
+        &["--netns", &c2, "--name", "x", "--ip", "10.42.2.9"],
+        "outside this host's subnet",
+    );
+    refuse(&["--netns", &c2, "--name", "bad name"], "not valid");
+
+    // A failure half-way through the plumbing is rolled back.
+    let dummy = meshnet::testbed::exec_in(
+        &busy,
+        &[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ],
+    )
+    .unwrap();
+    assert!(dummy.status.success());
+    refuse(&["--netns", &busy, "--name", "x"], "already has an eth0");
+    // The last plumbing step fails (the route exists): everything before it
+    // must be undone.
+    for cmd in [
+        &["ip", "link", "set", "lo", "up"][..],
+        &["ip", "route", "add", "169.254.169.250/32", "dev", "lo"],
+    ] {
+        assert!(
+            meshnet::testbed::exec_in(&routed, cmd)
+                .unwrap()
+                .status
+                .success()
+        );
+    }
+    refuse(
+        &["--netns", &routed, "--name", "y"],
+        "route add 169.254.169.250/32",
+    );
+    let eth0 = meshnet::testbed::exec_in(&routed, &["ip", "link", "show", "eth0"]).unwrap();
+    assert!(
+        !eth0.status.success(),
+        "the half-made eth0 was left in the container"
+    );
+    assert_eq!(
+        bed.containers(0).unwrap().len(),
+        1,
+        "a failed attach kept its reservation"
+    );
+    let veths = host_links(&bed, 0).matches("mv0a2a").count();
+    assert_eq!(
+        veths,
+        1,
+        "a failed attach left a veth behind:\n{}",
+        host_links(&bed, 0)
+    );
+    assert_eq!(
+        bed.attach(0, &c2, "x", &[]).unwrap(),
+        Ipv4Addr::new(10, 42, 1, 3)
+    );
+}
+
+#[test]
+fn attach_in_tun_mode_says_what_is_needed() {
+    let options = MeshOptions {
+        hosts: 2,
+        keepalive: None,
+        mode: Mode::Tun,
+    };
+    let mut bed = Testbed::new("tunattach", &options, bins()).unwrap();
+    bed.start_all().unwrap();
+    let c1 = bed.add_container_ns(0, "c1").unwrap();
+    let out = bed
+        .meshctl(0, &["attach", "--netns", &c1, "--name", "x"])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs mode = \"tap\""),
+        "{out:?}"
+    );
+}
