@@ -1,32 +1,34 @@
-//! The meshnet demo: three hosts in network namespaces, each running meshd,
-//! then pings across the overlay and `meshctl peers`, narrated.
+//! The meshnet demo: three hosts in network namespaces, each running meshd
+//! in TAP mode with a container attached; pings between containers across
+//! hosts, the agent's service address, `meshctl containers` and `meshctl
+//! peers`, narrated.
 //!
 //! Run it through `scripts/demo.sh`, which installs what it needs and
 //! builds the binaries first. Everything it creates is removed at the end.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
+use meshnet::config::Mode;
 use meshnet::core::PeerState;
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
+use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
 
 fn main() -> Result<()> {
     let bins = Binaries::beside_current_exe()?;
     let options = MeshOptions {
         hosts: 3,
         keepalive: Some(5),
-        ..MeshOptions::default()
+        mode: Mode::Tap,
     };
-    println!(
-        "== Building 3 hosts (network namespaces h1, h2, h3) on a bridged underlay 192.0.2.0/24"
-    );
+    say("Building 3 hosts (network namespaces) on a bridged underlay 192.0.2.0/24");
     let mut bed = Testbed::new("demo", &options, bins)?;
-    println!("   h1's config ({}):\n", bed.hosts[0].config.display());
-    let config = std::fs::read_to_string(&bed.hosts[0].config)?;
-    println!("{}", indent(&config));
+    println!("   h1's config:\n");
+    print!(
+        "{}",
+        indent(&std::fs::read_to_string(&bed.hosts[0].config)?)
+    );
 
-    println!("== Starting meshd on every host");
+    say("Starting meshd on every host");
     bed.start_all()?;
     let up = wait_until(Duration::from_secs(15), || {
         (0..3).all(|i| {
@@ -35,46 +37,62 @@ fn main() -> Result<()> {
         })
     });
     ensure!(up, "the mesh did not come up; h1's log:\n{}", bed.log(0));
-    println!("   all 6 tunnels are up\n");
+    println!("   all 6 tunnels are up");
 
-    for (from, to) in [(0, 1), (0, 2), (1, 2)] {
-        let target = bed.hosts[to].overlay.to_string();
-        println!(
-            "== {} $ ping -c 3 {target}   ({})",
-            bed.hosts[from].name, bed.hosts[to].name
-        );
-        let out = bed.exec(from, &["ping", "-c", "3", "-i", "0.2", &target])?;
-        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
-        ensure!(out.status.success(), "ping failed");
-        println!();
+    let mut containers = Vec::new();
+    for (host, name, stack) in [(0, "web", "shop"), (1, "api", "shop"), (2, "db", "shop")] {
+        let ns = bed.add_container_ns(host, name)?;
+        say(&format!(
+            "{} $ meshctl attach --netns {ns} --name {name} --stack {stack}",
+            bed.hosts[host].name
+        ));
+        let addr = bed.attach(host, &ns, name, &["--stack", stack])?;
+        println!("   {addr}");
+        containers.push((name, ns, addr));
     }
 
-    println!("== h1 $ ping -c 1 10.42.99.1   (an overlay address no host owns)");
-    let out = bed.exec(0, &["ping", "-c", "1", "-W", "1", "10.42.99.1"])?;
-    println!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
-
-    for args in [&["peers"][..], &["status"][..]] {
-        println!("== h1 $ meshctl {}", args.join(" "));
-        let out = bed.meshctl(0, args)?;
-        println!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    let (web, api, db) = (&containers[0], &containers[1], &containers[2]);
+    for (from, to) in [(web, api), (api, db), (db, web)] {
+        run_in(
+            &from.1,
+            from.0,
+            &["ping", "-c", "2", "-i", "0.2", &to.2.to_string()],
+        )?;
     }
-
-    println!("== Stopping h1's agent (SIGTERM): its device and socket go away");
-    let status = bed.stop(0)?;
-    let link = Command::new("ip")
-        .args(["-n", &bed.hosts[0].ns, "link", "show", "mesh0"])
-        .output()?;
-    println!(
-        "   meshd exited with {status}; mesh0 present afterwards: {}",
-        link.status.success()
+    run_in(&web.1, web.0, &["ping", "-c", "1", "169.254.169.250"])?;
+    say("web $ ip neigh   (remote containers sit at the agent's MAC)");
+    print!(
+        "{}",
+        indent(&String::from_utf8_lossy(
+            &exec_in(&web.1, &["ip", "neigh"])?.stdout
+        ))
     );
+
+    for args in [&["containers"][..], &["peers"][..], &["status"][..]] {
+        say(&format!("h1 $ meshctl {}", args.join(" ")));
+        let out = bed.meshctl(0, args)?;
+        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    }
+
     let dir = bed.dir().to_owned();
     drop(bed);
-    println!(
-        "\n== Done: namespaces, agents and files removed ({} gone: {})",
+    say(&format!(
+        "Done: namespaces, agents and files removed ({} gone: {})",
         dir.display(),
         !dir.exists()
-    );
+    ));
+    Ok(())
+}
+
+fn say(what: &str) {
+    println!("\n== {what}");
+}
+
+fn run_in(ns: &str, who: &str, args: &[&str]) -> Result<()> {
+    say(&format!("{who} $ {}", args.join(" ")));
+    let out = exec_in(ns, args)?;
+    print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
+    ensure!(out.status.success(), "{} failed", args.join(" "));
     Ok(())
 }
 
