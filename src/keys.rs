@@ -102,22 +102,7 @@ impl PrivateKey {
     /// Reads a key file as `wg genkey > FILE` writes it, refusing one that
     /// group or others can read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let unreadable = |e: std::io::Error| KeyError::Unreadable {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        };
-        let meta = std::fs::metadata(path).map_err(unreadable)?;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::TooOpen {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(unreadable)?;
-        Self::from_base64(&text).map_err(|_| KeyError::BadFile {
-            path: path.to_owned(),
-        })
+        load_secret(path).map(|bytes| Self(x25519::StaticSecret::from(bytes)))
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -139,6 +124,65 @@ impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PrivateKey(<redacted>)")
     }
+}
+
+/// A preshared key (`wg genpsk`), mixed into the handshake: with one set,
+/// only peers holding the same key can form a tunnel. Redacted like
+/// `PrivateKey`; compared only to detect configuration changes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey([u8; KEY_LEN]);
+
+impl PresharedKey {
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut bytes = [0u8; KEY_LEN];
+        getrandom::getrandom(&mut bytes).map_err(|e| KeyError::Random(e.to_string()))?;
+        Ok(Self(bytes))
+    }
+
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        decode_key(text).map(Self)
+    }
+
+    /// Reads a key file as `wg genpsk > FILE` writes it, refusing one that
+    /// group or others can read.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        load_secret(path).map(Self)
+    }
+
+    /// The key for the protocol library; the only way out of this type.
+    pub fn to_bytes(&self) -> [u8; KEY_LEN] {
+        self.0
+    }
+
+    /// The base64 text of the key, for `meshctl genpsk` only.
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(self.0)
+    }
+}
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresharedKey(<redacted>)")
+    }
+}
+
+fn load_secret(path: &Path) -> Result<[u8; KEY_LEN], KeyError> {
+    let unreadable = |e: std::io::Error| KeyError::Unreadable {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(unreadable)?;
+    decode_key(&text).map_err(|_| KeyError::BadFile {
+        path: path.to_owned(),
+    })
 }
 
 fn clamp(bytes: &mut [u8; KEY_LEN]) {
@@ -238,6 +282,22 @@ mod tests {
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(PrivateKey::load(&path).is_ok());
+    }
+
+    #[test]
+    fn preshared_keys_load_like_private_keys_and_stay_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psk");
+        let psk = PresharedKey::generate().unwrap();
+        std::fs::write(&path, psk.to_base64()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            PresharedKey::load(&path),
+            Err(KeyError::TooOpen { .. })
+        ));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(PresharedKey::load(&path).unwrap(), psk);
+        assert!(!format!("{psk:?}").contains(&psk.to_base64()));
     }
 
     #[test]

@@ -14,3 +14,4 @@ pub mod keys;
 pub mod membership;
 pub mod report;
 pub mod testbed;
+pub mod uapi;

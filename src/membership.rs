@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
 
-use crate::keys::PublicKey;
+use crate::keys::{PresharedKey, PublicKey};
 
 /// One remote host of the mesh, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub struct PeerSpec {
     pub subnet: Ipv4Net,
     /// Persistent keepalive interval in seconds, as in `wg`.
     pub keepalive: Option<u16>,
+    /// Mixed into every handshake with this peer (the peer's own key, or
+    /// the cluster's).
+    pub preshared_key: Option<PresharedKey>,
 }
 
 /// Everything the agent needs to know about the rest of the cluster.

@@ -80,6 +80,9 @@ pub fn peers(peers: &[PeerStatus]) -> String {
         let _ = writeln!(s, "  endpoint: {endpoint}");
         let _ = writeln!(s, "  subnet: {}", p.subnet);
         let _ = writeln!(s, "  state: {}", p.state.as_str());
+        if let Some(reason) = &p.reason {
+            let _ = writeln!(s, "  not up because: {reason}");
+        }
         let _ = writeln!(s, "  latest handshake: {}", ago(p.last_handshake_secs_ago));
         let _ = writeln!(
             s,
@@ -227,6 +230,8 @@ mod tests {
             tx_packets: 1,
             dropped: 4,
             keepalive: Some(25),
+            reason: Some("no handshake answer from 192.0.2.2:51820 yet".into()),
+            has_preshared_key: false,
         };
         let text = peers(&[
             p.clone(),
@@ -247,6 +252,7 @@ mod tests {
             "packets dropped: 4",
             "persistent keepalive: every 25 seconds",
             "endpoint: (none, waiting to be contacted)",
+            "not up because: no handshake answer from 192.0.2.2:51820 yet",
             "latest handshake: never",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");

@@ -374,6 +374,30 @@ impl Testbed {
         }
     }
 
+    /// Inserts top-level keys at the start of host `i`'s config.
+    pub fn prepend_config(&self, i: usize, text: &str) -> Result<()> {
+        let path = &self.hosts[i].config;
+        let old = std::fs::read_to_string(path)?;
+        std::fs::write(path, format!("{text}\n{old}"))?;
+        Ok(())
+    }
+
+    /// Appends lines to host `i`'s config: inside its last `[[peer]]`.
+    pub fn append_config(&self, i: usize, text: &str) -> Result<()> {
+        let path = &self.hosts[i].config;
+        let old = std::fs::read_to_string(path)?;
+        std::fs::write(path, format!("{old}{text}\n"))?;
+        Ok(())
+    }
+
+    /// Writes a secret file (mode 0600) in the testbed directory.
+    pub fn write_secret(&self, name: &str, base64: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, base64)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(path)
+    }
+
     /// Creates a network namespace standing for a container on host `i`
     /// (removed with the testbed) and returns its name.
     pub fn add_container_ns(&mut self, i: usize, name: &str) -> Result<String> {
@@ -420,10 +444,16 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        // SIGTERM first, so agents remove what they made outside the
+        // namespaces (UAPI sockets); SIGKILL whatever does not stop.
+        for host in &mut self.hosts {
+            if let Some(child) = host.agent.as_ref() {
+                let _ = signal(child.id(), "TERM");
+            }
+        }
         for host in &mut self.hosts {
             if let Some(mut child) = host.agent.take() {
-                let _ = child.kill();
-                let _ = child.wait();
+                let _ = wait_bounded(&mut child, Duration::from_secs(3));
             }
         }
         for ns in self.namespaces.iter().rev() {
@@ -433,6 +463,76 @@ impl Drop for Testbed {
                 .status();
         }
     }
+}
+
+/// A wireguard-go interface in a namespace, configured with `wg` and `ip`;
+/// stopped, with its UAPI socket removed, on drop.
+pub struct WireguardGo {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl WireguardGo {
+    /// Starts `wireguard-go -f NAME` in `ns` (NAME at most 15 bytes and
+    /// unique on the machine: the UAPI socket directory is shared).
+    pub fn start(ns: &str, name: &str) -> Result<Self> {
+        let socket = Path::new("/var/run/wireguard").join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "wireguard-go", "-f", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting wireguard-go (apt-get install wireguard-go)")?;
+        let wg = Self {
+            name: name.to_owned(),
+            child: Some(child),
+        };
+        ensure!(
+            wait_until(Duration::from_secs(5), || socket.exists()),
+            "wireguard-go did not create {}",
+            socket.display()
+        );
+        Ok(wg)
+    }
+
+    /// Runs `wg ARGS` against this interface from `ns`.
+    pub fn wg(&self, ns: &str, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["wg"];
+        full.extend_from_slice(args);
+        let out = exec_in(ns, &full)?;
+        ensure!(
+            out.status.success(),
+            "wg {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out)
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(
+            Path::new("/var/run/wireguard").join(format!("{}.sock", self.name)),
+        );
+    }
+}
+
+/// A name no other test process uses at the same time (for interfaces
+/// whose UAPI sockets share one directory): `prefix` plus pid and serial,
+/// at most 15 bytes.
+pub fn unique_name(prefix: &str) -> String {
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+    let mut name = format!("{prefix}{:x}{n:x}", std::process::id() % 0x10000);
+    name.truncate(15);
+    name
 }
 
 /// A running tcpdump writing to a pcap file; stopped on drop.

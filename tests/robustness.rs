@@ -26,6 +26,7 @@ fn node() -> Node {
         endpoint: Some("192.0.2.2:51820".parse().unwrap()),
         subnet: "10.42.2.0/24".parse().unwrap(),
         keepalive: None,
+        preshared_key: None,
     };
     node.apply_membership(&Membership { peers: vec![peer] });
     node

@@ -13,6 +13,7 @@ pub mod control_server;
 pub mod device;
 pub mod netops;
 pub mod state;
+pub mod uapi_server;
 pub mod underlay;
 
 use std::future::Future;
@@ -111,6 +112,11 @@ pub async fn run(
     };
     let mut control = ControlSocket::bind(&config.control_socket)?;
     let (control_tx, control_rx) = mpsc::channel(16);
+    let mut uapi =
+        uapi_server::UapiSocket::bind(std::path::Path::new(uapi_server::UAPI_DIR), &config.device);
+    if let Some(uapi) = uapi.as_mut() {
+        uapi.serve(control_tx.clone());
+    }
     control.serve(control_tx);
     node.apply_membership(&membership.borrow_and_update());
     tracing::info!(
@@ -141,6 +147,7 @@ pub async fn run(
         .serve(control_rx, ops_rx, &mut membership, shutdown)
         .await;
     drop(control);
+    drop(uapi);
     if result.is_ok() {
         tracing::info!("meshd stopped; device and control socket removed");
     }

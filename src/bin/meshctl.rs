@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshnet::config::{DEFAULT_DEVICE, default_control_socket};
 use meshnet::control::{self, AttachRequest, Request, Response};
-use meshnet::keys::PrivateKey;
+use meshnet::keys::{PresharedKey, PrivateKey};
 use meshnet::report;
 
 #[derive(Parser)]
@@ -25,6 +25,13 @@ struct Args {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Dump,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print a new private key (base64, as `wg genkey`).
@@ -37,8 +44,18 @@ enum Command {
     Pubkey,
     /// Show every tunnel: endpoint, state, handshake, transfer, drops.
     Peers {
+        /// Same as --format json.
         #[arg(long)]
         json: bool,
+        /// text, json, or dump (the tab-separated lines of `wg show dump`).
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Print a new preshared key (base64, as `wg genpsk`).
+    Genpsk {
+        /// Write the key to this new file (mode 0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Show this host: identity, addresses, uptime, peer counts, drops.
     Status {
@@ -92,7 +109,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .socket
         .unwrap_or_else(|| default_control_socket(&args.device));
     match args.command {
-        Command::Genkey { out } => genkey(out),
+        Command::Genkey { out } => write_secret(&PrivateKey::generate()?.to_base64(), out),
         Command::Pubkey => {
             let mut text = String::new();
             std::io::stdin()
@@ -103,14 +120,29 @@ fn run(args: Args) -> anyhow::Result<()> {
             println!("{}", key.public_key());
             Ok(())
         }
-        Command::Peers { json } => match control::request(&socket, &Request::Peers)? {
-            Response::Peers(peers) if json => print_json(&peers),
-            Response::Peers(peers) => {
-                print!("{}", report::peers(&peers));
-                Ok(())
+        Command::Peers { json, format } => {
+            let format = if json { Format::Json } else { format };
+            let Response::Peers(peers) = control::request(&socket, &Request::Peers)? else {
+                anyhow::bail!("unexpected response to peers");
+            };
+            match format {
+                Format::Json => print_json(&peers),
+                Format::Text => {
+                    print!("{}", report::peers(&peers));
+                    Ok(())
+                }
+                Format::Dump => {
+                    let Response::Status(host) = control::request(&socket, &Request::Status)?
+                    else {
+                        anyhow::bail!("unexpected response to status");
+                    };
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                    print!("{}", meshnet::uapi::dump(&host, &peers, now));
+                    Ok(())
+                }
             }
-            other => anyhow::bail!("unexpected response: {other:?}"),
-        },
+        }
+        Command::Genpsk { out } => write_secret(&PresharedKey::generate()?.to_base64(), out),
         Command::Status { json } => match control::request(&socket, &Request::Status)? {
             Response::Status(status) if json => print_json(&status),
             Response::Status(status) => {
@@ -162,10 +194,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-fn genkey(out: Option<PathBuf>) -> anyhow::Result<()> {
-    let key = PrivateKey::generate()?;
+/// Prints a new secret, or writes it to a new file only root can read.
+fn write_secret(secret: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
     let Some(path) = out else {
-        println!("{}", key.to_base64());
+        println!("{secret}");
         return Ok(());
     };
     let mut file = std::fs::OpenOptions::new()
@@ -174,7 +206,7 @@ fn genkey(out: Option<PathBuf>) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(file, "{}", key.to_base64()).with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{secret}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

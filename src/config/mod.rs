@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::keys::{PrivateKey, PublicKey};
+use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::membership::{Membership, PeerSpec};
 
 /// The whole overlay unless configured: 10.42.0.0/16, as Rancher used.
@@ -108,6 +108,7 @@ struct RawConfig {
     bridge: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
+    cluster_psk_file: Option<Spanned<String>>,
     #[serde(default)]
     peer: Vec<Spanned<RawPeer>>,
 }
@@ -120,6 +121,7 @@ struct RawPeer {
     endpoint: Option<Spanned<String>>,
     subnet: Spanned<String>,
     keepalive: Option<Spanned<i64>>,
+    preshared_key_file: Option<Spanned<String>>,
 }
 
 /// Reads and validates a config file. Key files named in it are read (and
@@ -241,10 +243,16 @@ impl Validator<'_> {
             None => default_control_socket(&device),
         };
         let mtu = raw.mtu.as_ref().map(|m| self.mtu(m)).transpose()?;
+        let cluster_psk = raw
+            .cluster_psk_file
+            .as_ref()
+            .map(|f| self.preshared_key(f, "cluster_psk_file"))
+            .transpose()?;
         let own = Own {
             name: &name,
             key: private_key.public_key(),
             subnet,
+            cluster_psk,
         };
         let peers = self.peers(&raw.peer, &own, overlay)?;
         Ok(Config {
@@ -276,6 +284,16 @@ impl Validator<'_> {
             ));
         }
         Ok(n.clone())
+    }
+
+    fn preshared_key(
+        &self,
+        file: &Spanned<String>,
+        key: &str,
+    ) -> Result<PresharedKey, ConfigError> {
+        let base = self.file.parent().unwrap_or(Path::new("."));
+        PresharedKey::load(&base.join(file.get_ref()))
+            .map_err(|e| self.error(file.span(), key, e.to_string()))
     }
 
     fn private_key(&self, file: &Spanned<String>) -> Result<PrivateKey, ConfigError> {
@@ -457,12 +475,18 @@ impl Validator<'_> {
                 .map(|k| self.keepalive(k, &at("keepalive")))
                 .transpose()?
                 .flatten();
+            // A peer's own key overrides the cluster's.
+            let preshared_key = match &p.preshared_key_file {
+                Some(f) => Some(self.preshared_key(f, &at("preshared_key_file"))?),
+                None => own.cluster_psk.clone(),
+            };
             peers.push(PeerSpec {
                 name,
                 public_key,
                 endpoint,
                 subnet,
                 keepalive,
+                preshared_key,
             });
         }
         Ok(peers)
@@ -470,6 +494,7 @@ impl Validator<'_> {
 }
 
 struct Own<'a> {
+    cluster_psk: Option<PresharedKey>,
     name: &'a str,
     key: PublicKey,
     subnet: Ipv4Net,

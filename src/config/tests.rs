@@ -1,6 +1,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
+use crate::keys::PresharedKey;
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -364,4 +365,42 @@ fn unreadable_config_names_the_file() {
             .starts_with("/nonexistent/meshd.toml: cannot read"),
         "{e}"
     );
+}
+
+#[test]
+fn peer_psk_overrides_the_cluster_psk() {
+    let f = Fixture::new();
+    let write = |name: &str, psk: &PresharedKey| {
+        let path = f.dir.path().join(name);
+        std::fs::write(&path, psk.to_base64()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let (cluster, own) = (
+        PresharedKey::generate().unwrap(),
+        PresharedKey::generate().unwrap(),
+    );
+    write("cluster.psk", &cluster);
+    write("h2.psk", &own);
+    let h3 = "\n[[peer]]\nname = \"h3\"\npublic_key = \"{k1}\"\nsubnet = \"10.42.3.0/24\"\n";
+    let text = format!(
+        "cluster_psk_file = \"cluster.psk\"\n{}{}preshared_key_file = \"h2.psk\"\n{h3}",
+        HEAD, PEER2
+    );
+    let c = f.parse(&text).unwrap();
+    assert_eq!(c.membership.peers[0].preshared_key.as_ref(), Some(&own));
+    assert_eq!(c.membership.peers[1].preshared_key.as_ref(), Some(&cluster));
+}
+
+#[test]
+fn open_psk_files_are_refused() {
+    let f = Fixture::new();
+    let path = f.dir.path().join("cluster.psk");
+    std::fs::write(&path, PresharedKey::generate().unwrap().to_base64()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = f.err(&format!("cluster_psk_file = \"cluster.psk\"\n{HEAD}"));
+    assert_at(&e, 1, "cluster_psk_file", "chmod 600");
+    let e = f.err(&with_peers(&format!(
+        "{PEER2}preshared_key_file = \"cluster.psk\"\n"
+    )));
+    assert_at(&e, 10, "peer.h2.preshared_key_file", "chmod 600");
 }

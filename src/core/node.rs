@@ -410,7 +410,10 @@ impl Node {
                 return;
             };
             let old = peer.spec();
-            if old.subnet == spec.subnet && old.keepalive == spec.keepalive {
+            if old.subnet == spec.subnet
+                && old.keepalive == spec.keepalive
+                && old.preshared_key == spec.preshared_key
+            {
                 peer.update_spec(spec.clone());
                 return;
             }

@@ -16,12 +16,12 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use tracing::{info, trace};
+use tracing::{info, trace, warn};
 
 use super::DropReason;
 use super::liveness::{Liveness, PeerState};
 use super::outbox::{MAX_PACKET, Outbox, Placed};
-use crate::keys::PublicKey;
+use crate::keys::{PresharedKey, PublicKey};
 use crate::membership::PeerSpec;
 
 /// WireGuard message types (first byte of every message).
@@ -54,6 +54,18 @@ pub struct PeerStatus {
     /// Packets from or for this peer that were dropped.
     pub dropped: u64,
     pub keepalive: Option<u16>,
+    /// Why the tunnel is not up, when it is not.
+    pub reason: Option<String>,
+    pub has_preshared_key: bool,
+}
+
+/// The last thing that went wrong with a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The peer answered our initiation, but its answer did not
+    /// authenticate: with the right static keys on both sides (or the MAC
+    /// check would have dropped it first), that is a preshared key mismatch.
+    ResponseRejected,
 }
 
 pub(crate) struct Peer {
@@ -65,6 +77,7 @@ pub(crate) struct Peer {
     rx_packets: u64,
     tx_packets: u64,
     dropped: u64,
+    failure: Option<Failure>,
     span: tracing::Span,
 }
 
@@ -78,7 +91,7 @@ impl Peer {
         let tunn = Tunn::new(
             secret,
             spec.public_key.to_x25519(),
-            None,
+            spec.preshared_key.as_ref().map(PresharedKey::to_bytes),
             spec.keepalive,
             index,
             Some(rate_limiter),
@@ -93,6 +106,7 @@ impl Peer {
             rx_packets: 0,
             tx_packets: 0,
             dropped: 0,
+            failure: None,
             span,
         }
     }
@@ -206,6 +220,10 @@ impl Peer {
             }
             TunnResult::Err(e) => {
                 trace!(parent: &self.span, error = ?e, "rejected datagram");
+                if kind == MSG_RESPONSE && self.failure.is_none() {
+                    warn!(parent: &self.span, "handshake response did not authenticate: do the preshared keys differ?");
+                    self.failure = Some(Failure::ResponseRejected);
+                }
                 Err(DropReason::Rejected)
             }
         }
@@ -258,7 +276,24 @@ impl Peer {
             tx_packets: self.tx_packets,
             dropped: self.dropped,
             keepalive: self.spec.keepalive,
+            reason: self.reason(now),
+            has_preshared_key: self.spec.preshared_key.is_some(),
         }
+    }
+
+    fn reason(&self, now: Instant) -> Option<String> {
+        let state = self.state(now);
+        if state == PeerState::Up {
+            return None;
+        }
+        if self.failure == Some(Failure::ResponseRejected) {
+            return Some("the peer answers, but its handshake does not authenticate: preshared keys (or cluster keys) differ".into());
+        }
+        Some(match (self.endpoint, state) {
+            (None, _) => "no endpoint known: waiting to be contacted".into(),
+            (Some(e), PeerState::Connecting) => format!("no handshake answer from {e} yet"),
+            (Some(e), _) => format!("no answer from {e}; retrying"),
+        })
     }
 
     pub(crate) fn state(&self, now: Instant) -> PeerState {
@@ -284,7 +319,10 @@ impl Peer {
     fn authenticated(&mut self, now: Instant, from: SocketAddr, kind: u8) {
         match kind {
             MSG_INITIATION => self.liveness.on_initiation_answered(now),
-            MSG_RESPONSE => self.liveness.on_response(now),
+            MSG_RESPONSE => {
+                self.liveness.on_response(now);
+                self.failure = None;
+            }
             _ => {}
         }
         let has_session = self.has_session();

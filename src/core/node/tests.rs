@@ -44,6 +44,7 @@ fn spec(name: &str, d: &HostDef, with_endpoint: bool, keepalive: Option<u16>) ->
         endpoint: with_endpoint.then(|| d.addr.parse().unwrap()),
         subnet: d.subnet.parse().unwrap(),
         keepalive,
+        preshared_key: None,
     }
 }
 
@@ -424,6 +425,62 @@ fn silent_peer_goes_down_and_a_restarted_peer_comes_back_up() {
     sim.send_from_device(0, &ping);
     sim.run();
     assert_eq!(sim.hosts[2].delivered, vec![ping]);
+}
+
+fn with_psks(defs: &[HostDef], psks: [Option<&crate::keys::PresharedKey>; 2]) -> Sim {
+    let mut sim = Sim::mesh(defs, None);
+    for (i, psk) in psks.iter().enumerate() {
+        let other = 1 - i;
+        let mut peer = spec(&format!("h{other}"), &defs[other], true, None);
+        peer.preshared_key = psk.cloned();
+        sim.hosts[i]
+            .node
+            .apply_membership(&Membership { peers: vec![peer] });
+    }
+    sim
+}
+
+#[test]
+fn matching_preshared_keys_form_a_tunnel() {
+    let defs = vec![
+        def("10.42.1.0/24", "192.0.2.1:51820"),
+        def("10.42.2.0/24", "192.0.2.2:51820"),
+    ];
+    let psk = crate::keys::PresharedKey::generate().unwrap();
+    let mut sim = with_psks(&defs, [Some(&psk), Some(&psk)]);
+    sim.tick();
+    sim.run();
+    assert_eq!(sim.status(0, "h1").state, PeerState::Up);
+    assert_eq!(sim.status(0, "h1").reason, None);
+}
+
+#[test]
+fn differing_preshared_keys_never_form_a_tunnel_and_say_why() {
+    let defs = vec![
+        def("10.42.1.0/24", "192.0.2.1:51820"),
+        def("10.42.2.0/24", "192.0.2.2:51820"),
+    ];
+    let (a, b) = (
+        crate::keys::PresharedKey::generate().unwrap(),
+        crate::keys::PresharedKey::generate().unwrap(),
+    );
+    for psks in [[Some(&a), Some(&b)], [Some(&a), None]] {
+        let mut sim = with_psks(&defs, psks);
+        sim.tick();
+        sim.run();
+        let ping = icmp_echo([10, 42, 1, 1], [10, 42, 2, 1], b"x");
+        sim.send_from_device(0, &ping);
+        sim.run();
+        assert!(sim.hosts[1].delivered.is_empty());
+        for (host, peer) in [(0, "h1"), (1, "h0")] {
+            let s = sim.status(host, peer);
+            assert_ne!(s.state, PeerState::Up, "{s:?}");
+            assert!(
+                s.reason.as_deref().is_some_and(|r| r.contains("preshared")),
+                "{s:?}"
+            );
+        }
+    }
 }
 
 #[test]
