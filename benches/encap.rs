@@ -8,6 +8,9 @@
 //! boringtun's data path uses. After the runs, a table of the ratios and the
 //! bytes each packet costs on the wire.
 
+// A benchmark that cannot set itself up should stop loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::PathBuf;

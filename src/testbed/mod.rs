@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+pub mod measure;
+
 use crate::config::Mode;
 use crate::control::{self, Request, Response};
 use crate::core::PeerStatus;
@@ -476,15 +478,24 @@ impl WireguardGo {
     /// Starts `wireguard-go -f NAME` in `ns` (NAME at most 15 bytes and
     /// unique on the machine: the UAPI socket directory is shared).
     pub fn start(ns: &str, name: &str) -> Result<Self> {
+        Self::start_program(ns, name, &["wireguard-go", "-f"])
+    }
+
+    /// Starts another userspace WireGuard speaking the same UAPI, e.g.
+    /// `["boringtun-cli", "-f", "--disable-drop-privileges"]`; the interface
+    /// name is appended.
+    pub fn start_program(ns: &str, name: &str, program: &[&str]) -> Result<Self> {
         let socket = Path::new("/var/run/wireguard").join(format!("{name}.sock"));
         let _ = std::fs::remove_file(&socket);
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, "wireguard-go", "-f", name])
+            .args(["netns", "exec", ns])
+            .args(program)
+            .arg(name)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting wireguard-go (apt-get install wireguard-go)")?;
+            .with_context(|| format!("starting {program:?} (is it installed?)"))?;
         let wg = Self {
             name: name.to_owned(),
             child: Some(child),
@@ -495,6 +506,10 @@ impl WireguardGo {
             socket.display()
         );
         Ok(wg)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Runs `wg ARGS` against this interface from `ns`.

@@ -1,0 +1,601 @@
+//! End-to-end cost of the tunnel: `cargo bench --bench netns`.
+//!
+//! Two hosts in network namespaces over veth; in turn (A B A B ...) plain
+//! veth, meshd, wireguard-go, and boringtun-cli when installed
+//! (`cargo install boringtun-cli`). For each: iperf3 TCP with 1 and 4
+//! streams, UDP at full blast (received rate and loss), ping RTT p50/p99
+//! idle and under TCP load, CPU seconds per GB of the tunnel processes, and
+//! their peak RSS. Every tunnel run is checked against the implementation's
+//! own transfer counters, so traffic that bypassed the tunnel is an error,
+//! not a fast result. Prints a table with ratios, writes
+//! target/netns-bench.json and target/netns-bench.svg.
+//!
+//! Environment: MESHNET_BENCH_ROUNDS (default 2), MESHNET_BENCH_SECONDS
+//! (default 4). Under `cargo test` (no `--bench`), a short self-check of
+//! meshd alone runs instead and writes nothing.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use meshnet::core::PeerState;
+use meshnet::testbed::measure::{self, IperfResult};
+use meshnet::testbed::{
+    Binaries, MeshOptions, Testbed, WireguardGo, exec_in, unique_name, wait_until,
+};
+use plotters::prelude::*;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Tunnel {
+    Veth,
+    Meshd,
+    WireguardGo,
+    BoringtunCli,
+}
+
+impl Tunnel {
+    fn label(self) -> &'static str {
+        match self {
+            Tunnel::Veth => "veth",
+            Tunnel::Meshd => "meshd",
+            Tunnel::WireguardGo => "wireguard-go",
+            Tunnel::BoringtunCli => "boringtun-cli",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Sample {
+    tcp1_gbps: f64,
+    tcp4_gbps: f64,
+    udp_gbps: f64,
+    udp_loss_percent: f64,
+    rtt_idle_p50_ms: f64,
+    rtt_idle_p99_ms: f64,
+    rtt_load_p50_ms: f64,
+    rtt_load_p99_ms: f64,
+    cpu_seconds_per_gb: Option<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Run {
+    tunnel: Tunnel,
+    round: usize,
+    sample: Sample,
+}
+
+/// One tunnel set up between the two hosts.
+struct Setup {
+    bed: Testbed,
+    wgs: Vec<WireguardGo>,
+    target: Ipv4Addr,
+    pids: Vec<u32>,
+}
+
+fn main() -> Result<()> {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let bins = Binaries {
+        meshd: env!("CARGO_BIN_EXE_meshd").into(),
+        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
+    };
+    let (rounds, seconds, tunnels) = if bench {
+        let mut tunnels = vec![Tunnel::Veth, Tunnel::Meshd, Tunnel::WireguardGo];
+        match boringtun_cli() {
+            Some(_) => tunnels.push(Tunnel::BoringtunCli),
+            None => eprintln!("boringtun-cli not found (cargo install boringtun-cli): left out"),
+        }
+        (
+            env_number("MESHNET_BENCH_ROUNDS", 2),
+            env_number("MESHNET_BENCH_SECONDS", 4),
+            tunnels,
+        )
+    } else {
+        eprintln!("netns bench self-check (run `cargo bench --bench netns` for the comparison)");
+        (1, 1, vec![Tunnel::Meshd])
+    };
+    let ticks = measure::clock_ticks_per_second()?;
+    let mut runs = Vec::new();
+    for round in 1..=rounds {
+        for &tunnel in &tunnels {
+            eprintln!("[round {round}/{rounds}] {}: setting up", tunnel.label());
+            let setup = set_up(tunnel, &bins)?;
+            let sample = measure_one(tunnel, &setup, seconds, ticks)?;
+            eprintln!(
+                "[round {round}/{rounds}] {}: tcp {:.2} Gbit/s, tcp x4 {:.2}, udp {:.2} ({:.1}% lost), rtt p50 {:.3} ms",
+                tunnel.label(),
+                sample.tcp1_gbps,
+                sample.tcp4_gbps,
+                sample.udp_gbps,
+                sample.udp_loss_percent,
+                sample.rtt_idle_p50_ms
+            );
+            runs.push(Run {
+                tunnel,
+                round,
+                sample,
+            });
+        }
+    }
+    let medians: Vec<(Tunnel, Sample)> = tunnels
+        .iter()
+        .map(|&t| (t, median_sample(&runs, t)))
+        .collect();
+    print_table(&medians, rounds, seconds);
+    if bench {
+        let target = target_dir();
+        write_json(&target.join("netns-bench.json"), &runs, &medians, seconds)?;
+        draw_chart(&target.join("netns-bench.svg"), &medians)?;
+        eprintln!(
+            "wrote {} and {}",
+            target.join("netns-bench.json").display(),
+            target.join("netns-bench.svg").display()
+        );
+    }
+    Ok(())
+}
+
+fn set_up(tunnel: Tunnel, bins: &Binaries) -> Result<Setup> {
+    let options = MeshOptions {
+        hosts: 2,
+        keepalive: None,
+        ..MeshOptions::default()
+    };
+    let bed = Testbed::new("bench", &options, bins.clone())?;
+    let mut setup = Setup {
+        target: bed.hosts[1].underlay,
+        bed,
+        wgs: Vec::new(),
+        pids: Vec::new(),
+    };
+    match tunnel {
+        Tunnel::Veth => {}
+        Tunnel::Meshd => {
+            setup.bed.start_all()?;
+            let up = wait_until(Duration::from_secs(10), || {
+                setup
+                    .bed
+                    .peers(0)
+                    .is_ok_and(|p| p.iter().all(|p| p.state == PeerState::Up))
+            });
+            ensure!(up, "meshd tunnel did not come up");
+            setup.target = setup.bed.hosts[1].overlay;
+            setup.pids = (0..2).filter_map(|i| setup.bed.agent_pid(i)).collect();
+        }
+        Tunnel::WireguardGo | Tunnel::BoringtunCli => {
+            let program: Vec<String> = match tunnel {
+                Tunnel::WireguardGo => vec!["wireguard-go".into(), "-f".into()],
+                _ => vec![
+                    boringtun_cli()
+                        .context("boringtun-cli")?
+                        .display()
+                        .to_string(),
+                    "-f".into(),
+                    "--disable-drop-privileges".into(),
+                ],
+            };
+            for i in 0..2 {
+                let wg = userspace_wg(&setup.bed, i, &program)?;
+                setup.pids.extend(wg.pid());
+                setup.wgs.push(wg);
+            }
+            setup.target = setup.bed.hosts[1].overlay;
+        }
+    }
+    Ok(setup)
+}
+
+/// A userspace WireGuard on host `i`, configured like meshd would be.
+fn userspace_wg(bed: &Testbed, i: usize, program: &[String]) -> Result<WireguardGo> {
+    let ns = &bed.hosts[i].ns;
+    let program: Vec<&str> = program.iter().map(String::as_str).collect();
+    let wg = WireguardGo::start_program(ns, &unique_name("bw"), &program)?;
+    let key = bed.write_secret(&format!("wg{i}.key"), &bed.hosts[i].key.to_base64())?;
+    let other = 1 - i;
+    let (peer_key, endpoint) = (
+        bed.hosts[other].key.public_key().to_string(),
+        format!("{}:51820", bed.hosts[other].underlay),
+    );
+    let allowed = format!("10.42.{}.0/24", other + 1);
+    let key = key.display().to_string();
+    wg.wg(
+        ns,
+        &[
+            "set",
+            &wg.name,
+            "listen-port",
+            "51820",
+            "private-key",
+            &key,
+            "peer",
+            &peer_key,
+            "allowed-ips",
+            &allowed,
+            "endpoint",
+            &endpoint,
+        ],
+    )?;
+    let address = format!("{}/16", bed.hosts[i].overlay);
+    for cmd in [
+        vec!["ip", "addr", "add", &address, "dev", &wg.name],
+        vec!["ip", "link", "set", &wg.name, "up", "mtu", "1420"],
+    ] {
+        let out = exec_in(ns, &cmd)?;
+        ensure!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(wg)
+}
+
+fn measure_one(tunnel: Tunnel, s: &Setup, seconds: u64, ticks: f64) -> Result<Sample> {
+    // Warm the path (handshake, ARP) before anything is timed.
+    ensure!(
+        s.bed.ping(0, s.target, 2)?,
+        "{} does not carry traffic",
+        tunnel.label()
+    );
+    let cpu_before = cpu_seconds(&s.pids, ticks)?;
+    let counter_before = tunnel_tx_bytes(tunnel, s)?;
+    let tcp1 = iperf(s, &[], seconds)?;
+    let cpu = cpu_seconds(&s.pids, ticks)? - cpu_before;
+    if let (Some(before), Some(after)) = (counter_before, tunnel_tx_bytes(tunnel, s)?) {
+        // The tunnel's own counter must have seen the payload (plus headers).
+        ensure!(
+            after - before >= tcp1.bytes * 9 / 10,
+            "{}: only {} bytes crossed the tunnel for {} bytes measured: traffic bypassed it",
+            tunnel.label(),
+            after - before,
+            tcp1.bytes
+        );
+    }
+    let tcp4 = iperf(s, &["-P", "4"], seconds)?;
+    let udp = iperf(s, &["-u", "-b", "0", "-l", "1372"], seconds)?;
+    let idle = ping(s, 200)?;
+    let loaded = ping_under_load(s, seconds)?;
+    let gb = tcp1.bytes as f64 / 1e9;
+    let peak_rss = s
+        .pids
+        .iter()
+        .map(|&pid| measure::sample_process(pid, ticks).map(|p| p.peak_rss_kib))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .max();
+    let pct = |v: &[f64], p| measure::percentile(v, p).context("no ping replies");
+    Ok(Sample {
+        tcp1_gbps: tcp1.bits_per_second / 1e9,
+        tcp4_gbps: tcp4.bits_per_second / 1e9,
+        udp_gbps: udp.bits_per_second / 1e9,
+        udp_loss_percent: udp.lost_percent.unwrap_or(0.0),
+        rtt_idle_p50_ms: pct(&idle, 50.0)?,
+        rtt_idle_p99_ms: pct(&idle, 99.0)?,
+        rtt_load_p50_ms: pct(&loaded, 50.0)?,
+        rtt_load_p99_ms: pct(&loaded, 99.0)?,
+        cpu_seconds_per_gb: (!s.pids.is_empty()).then(|| cpu / gb),
+        peak_rss_mib: peak_rss.map(|kib| kib as f64 / 1024.0),
+    })
+}
+
+/// Bytes host 1's tunnel says it sent to host 2 (None for no tunnel).
+fn tunnel_tx_bytes(tunnel: Tunnel, s: &Setup) -> Result<Option<u64>> {
+    match tunnel {
+        Tunnel::Veth => Ok(None),
+        Tunnel::Meshd => Ok(s.bed.peers(0)?.first().map(|p| p.tx_bytes)),
+        Tunnel::WireguardGo | Tunnel::BoringtunCli => {
+            let wg = &s.wgs[0];
+            let out = wg.wg(&s.bed.hosts[0].ns, &["show", &wg.name, "dump"])?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let peer = text.lines().nth(1).context("wg show dump has no peer")?;
+            Ok(Some(
+                peer.split('\t')
+                    .nth(6)
+                    .context("no transfer-tx column")?
+                    .parse()?,
+            ))
+        }
+    }
+}
+
+fn cpu_seconds(pids: &[u32], ticks: f64) -> Result<f64> {
+    pids.iter()
+        .map(|&pid| measure::sample_process(pid, ticks).map(|s| s.cpu_seconds))
+        .sum()
+}
+
+fn iperf_server(s: &Setup) -> Result<Child> {
+    let server = Command::new("ip")
+        .args(["netns", "exec", &s.bed.hosts[1].ns, "iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 (apt-get install iperf3)")?;
+    // iperf3 needs a moment to bind before the client connects.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(server)
+}
+
+fn iperf(s: &Setup, extra: &[&str], seconds: u64) -> Result<IperfResult> {
+    let mut server = iperf_server(s)?;
+    let (target, secs) = (s.target.to_string(), seconds.to_string());
+    let mut args = vec!["timeout", "60", "iperf3", "-c", &target, "-t", &secs, "-J"];
+    args.extend_from_slice(extra);
+    let out = exec_in(&s.bed.hosts[0].ns, &args)?;
+    finish(&mut server);
+    measure::parse_iperf3(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn ping(s: &Setup, count: u32) -> Result<Vec<f64>> {
+    let (count, target) = (count.to_string(), s.target.to_string());
+    let out = exec_in(
+        &s.bed.hosts[0].ns,
+        &["ping", "-i", "0.01", "-c", &count, "-W", "1", &target],
+    )?;
+    Ok(measure::parse_ping_rtts(&String::from_utf8_lossy(
+        &out.stdout,
+    )))
+}
+
+fn ping_under_load(s: &Setup, seconds: u64) -> Result<Vec<f64>> {
+    let mut server = iperf_server(s)?;
+    let (target, secs) = (s.target.to_string(), (seconds + 1).to_string());
+    let mut client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.bed.hosts[0].ns,
+            "iperf3",
+            "-c",
+            &target,
+            "-t",
+            &secs,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rtts = ping(s, (seconds * 80) as u32);
+    finish(&mut client);
+    finish(&mut server);
+    rtts
+}
+
+/// Waits (bounded) for a helper process, killing it if it lingers.
+fn finish(child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn median_sample(runs: &[Run], tunnel: Tunnel) -> Sample {
+    let of = |f: &dyn Fn(&Sample) -> f64| {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.tunnel == tunnel)
+            .map(|r| f(&r.sample))
+            .collect();
+        measure::median(&v).unwrap_or(f64::NAN)
+    };
+    let opt = |f: &dyn Fn(&Sample) -> Option<f64>| {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.tunnel == tunnel)
+            .filter_map(|r| f(&r.sample))
+            .collect();
+        measure::median(&v)
+    };
+    Sample {
+        tcp1_gbps: of(&|s| s.tcp1_gbps),
+        tcp4_gbps: of(&|s| s.tcp4_gbps),
+        udp_gbps: of(&|s| s.udp_gbps),
+        udp_loss_percent: of(&|s| s.udp_loss_percent),
+        rtt_idle_p50_ms: of(&|s| s.rtt_idle_p50_ms),
+        rtt_idle_p99_ms: of(&|s| s.rtt_idle_p99_ms),
+        rtt_load_p50_ms: of(&|s| s.rtt_load_p50_ms),
+        rtt_load_p99_ms: of(&|s| s.rtt_load_p99_ms),
+        cpu_seconds_per_gb: opt(&|s| s.cpu_seconds_per_gb),
+        peak_rss_mib: opt(&|s| s.peak_rss_mib),
+    }
+}
+
+fn print_table(medians: &[(Tunnel, Sample)], rounds: usize, seconds: u64) {
+    println!(
+        "\nMedians of {rounds} round(s), {seconds} s per iperf3 run, 2 namespaces over veth:\n"
+    );
+    println!(
+        "{:<14} {:>9} {:>9} {:>9} {:>7} {:>13} {:>13} {:>9} {:>8}",
+        "tunnel",
+        "tcp Gb/s",
+        "tcp x4",
+        "udp Gb/s",
+        "loss %",
+        "rtt idle ms",
+        "rtt load ms",
+        "cpu s/GB",
+        "rss MiB"
+    );
+    let or_dash = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+    for (t, s) in medians {
+        println!(
+            "{:<14} {:>9.3} {:>9.3} {:>9.3} {:>7.1} {:>6.3}/{:<6.3} {:>6.3}/{:<6.3} {:>9} {:>8}",
+            t.label(),
+            s.tcp1_gbps,
+            s.tcp4_gbps,
+            s.udp_gbps,
+            s.udp_loss_percent,
+            s.rtt_idle_p50_ms,
+            s.rtt_idle_p99_ms,
+            s.rtt_load_p50_ms,
+            s.rtt_load_p99_ms,
+            or_dash(s.cpu_seconds_per_gb),
+            or_dash(s.peak_rss_mib)
+        );
+    }
+    println!("(rtt columns: p50/p99)");
+    let Some((_, meshd)) = medians.iter().find(|(t, _)| *t == Tunnel::Meshd) else {
+        return;
+    };
+    for (t, other) in medians.iter().filter(|(t, _)| *t != Tunnel::Meshd) {
+        println!(
+            "meshd / {:<13} tcp {:.2}x  tcp x4 {:.2}x  udp {:.2}x  rtt p50 {:.2}x",
+            t.label(),
+            meshd.tcp1_gbps / other.tcp1_gbps,
+            meshd.tcp4_gbps / other.tcp4_gbps,
+            meshd.udp_gbps / other.udp_gbps,
+            meshd.rtt_idle_p50_ms / other.rtt_idle_p50_ms
+        );
+    }
+}
+
+fn write_json(path: &Path, runs: &[Run], medians: &[(Tunnel, Sample)], seconds: u64) -> Result<()> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(0);
+    let medians: Vec<_> = medians
+        .iter()
+        .map(|(t, s)| serde_json::json!({ "tunnel": t, "median": s }))
+        .collect();
+    let doc = serde_json::json!({
+        "machine": { "cpus": cpus, "kernel": kernel.trim() },
+        "seconds_per_run": seconds,
+        "runs": runs,
+        "medians": medians,
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
+    Ok(())
+}
+
+fn draw_chart(path: &Path, medians: &[(Tunnel, Sample)]) -> Result<()> {
+    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(500);
+    // The veth ceiling is tens of times the tunnels: it goes in the title,
+    // so the tunnels stay readable on a linear scale.
+    let tunnels: Vec<&(Tunnel, Sample)> =
+        medians.iter().filter(|(t, _)| *t != Tunnel::Veth).collect();
+    let ceiling = medians
+        .iter()
+        .find(|(t, _)| *t == Tunnel::Veth)
+        .map_or_else(String::new, |(_, s)| {
+            format!(" (plain veth: {:.1})", s.tcp1_gbps)
+        });
+    let names: Vec<&str> = tunnels.iter().map(|(t, _)| t.label()).collect();
+    let throughput: Vec<[f64; 3]> = tunnels
+        .iter()
+        .map(|(_, s)| [s.tcp1_gbps, s.tcp4_gbps, s.udp_gbps])
+        .collect();
+    let latency: Vec<[f64; 3]> = tunnels
+        .iter()
+        .map(|(_, s)| [s.rtt_idle_p50_ms, s.rtt_load_p50_ms, s.rtt_load_p99_ms])
+        .collect();
+    let title = format!("Throughput, Gbit/s{ceiling}");
+    bars(&left, &title, &names, &throughput, ["tcp", "tcp x4", "udp"])?;
+    bars(
+        &right,
+        "Ping RTT, ms",
+        &names,
+        &latency,
+        ["idle p50", "load p50", "load p99"],
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+fn bars<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    names: &[&str],
+    values: &[[f64; 3]],
+    series: [&str; 3],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let max = values
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
+        * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..names.len() as f64, 0f64..max.max(1e-3))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(names.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                names.get(i).map(|n| n.to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let colours = [BLUE, GREEN, RED];
+    for (k, (label, colour)) in series.iter().zip(colours).enumerate() {
+        let rects = values.iter().enumerate().map(move |(i, v)| {
+            let x0 = i as f64 + 0.1 + k as f64 * 0.27;
+            Rectangle::new([(x0, 0.0), (x0 + 0.25, v[k])], colour.filled())
+        });
+        chart
+            .draw_series(rects)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(*label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn boringtun_cli() -> Option<PathBuf> {
+    let from_path = Command::new("sh")
+        .args(["-c", "command -v boringtun-cli"])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&from_path.stdout).trim().to_owned();
+    if !path.is_empty() {
+        return Some(PathBuf::from(path));
+    }
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    Some(home.join("bin/boringtun-cli")).filter(|p| p.is_file())
+}
+
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The benchmarks: per-packet cost of the core beside raw ChaCha20-Poly1305
+# (criterion), then meshd end to end beside veth, wireguard-go and, when
+# installed (`cargo install boringtun-cli`), boringtun-cli. Run as root on
+# Debian; a few minutes. Results: target/criterion/, target/netns-bench.json
+# and target/netns-bench.svg.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/bench.sh: the end-to-end benchmark creates network namespaces; run it as root" >&2
+    exit 1
+fi
+scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go
+cargo bench --bench encap
+cargo bench --bench netns
