@@ -10,6 +10,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod core;
+pub mod dns;
 pub mod keys;
 pub mod membership;
 pub mod report;

@@ -1,0 +1,11 @@
+//! Cluster DNS, pure parts: the records hosts share, the zone built from
+//! them, answering queries, and the forwarder's cache and rate limit.
+//!
+//! Must never: do IO. The agent's `dns_server` and `records_sync` tasks
+//! move the bytes.
+
+pub mod answer;
+pub mod cache;
+pub mod records;
+
+pub use records::{ContainerRecord, HostRecords, RecordView, ServicePort, Zone};
