@@ -33,6 +33,7 @@ pub enum Request {
     Containers,
     Attach(AttachRequest),
     Detach { netns: String },
+    Dns,
 }
 
 /// `meshctl attach`: give the container in `netns` an overlay address.
@@ -43,6 +44,9 @@ pub struct AttachRequest {
     pub stack: Option<String>,
     pub service: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    /// Named ports, `NAME:PORT/PROTO` (SRV records).
+    #[serde(default)]
+    pub ports: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +56,7 @@ pub enum Response {
     Status(HostStatus),
     Containers(Vec<Container>),
     Container(Container),
+    Records(Vec<crate::dns::RecordView>),
     Error(String),
 }
 
@@ -141,6 +146,7 @@ mod tests {
             stack: Some("shop".into()),
             service: None,
             ip: Some(Ipv4Addr::new(10, 42, 1, 9)),
+            ports: vec!["http:80/tcp".into()],
         });
         let line = serde_json::to_string(&attach).unwrap();
         assert!(

@@ -127,6 +127,24 @@ pub fn status(h: &HostStatus) -> String {
     s
 }
 
+/// One row per DNS record, aligned.
+pub fn records(list: &[crate::dns::RecordView]) -> String {
+    if list.is_empty() {
+        return "no records\n".to_owned();
+    }
+    let width = list.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    let mut s = String::new();
+    for r in list {
+        let host = if r.host.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", r.host)
+        };
+        let _ = writeln!(s, "{:<width$}  {:<4} {}{host}", r.name, r.kind, r.value);
+    }
+    s
+}
+
 /// One row per container, aligned.
 pub fn containers(list: &[Container]) -> String {
     if list.is_empty() {
@@ -201,6 +219,7 @@ mod tests {
             address: addr,
             mac: Mac::of_container(addr),
             host_veth: "mv0a2a0102".into(),
+            ports: Vec::new(),
         };
         let text = containers(&[c]);
         let lines: Vec<&str> = text.lines().collect();

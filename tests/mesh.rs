@@ -80,6 +80,21 @@ fn every_host_reaches_every_other_and_meshctl_shows_the_tunnels() {
             assert_eq!(p.endpoint.map(|e| e.ip()), Some(owner.underlay.into()));
         }
     }
+    // DNS works in TUN mode too: the host itself asks 169.254.169.250.
+    let resolves = wait_until(Duration::from_secs(3), || {
+        bed.exec(
+            0,
+            &[
+                "dig",
+                "+short",
+                "+time=1",
+                "@169.254.169.250",
+                "h3.hosts.mesh.internal",
+            ],
+        )
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "10.42.3.1")
+    });
+    assert!(resolves, "h1 cannot resolve h3.hosts.mesh.internal");
     // The JSON carries the documented field names.
     let out = bed.meshctl(0, &["peers", "--json"]).unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

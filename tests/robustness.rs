@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use meshnet::core::{Identity, LinkMode, Node, Outbox};
+use meshnet::dns::answer::{Decision, Transport, answer};
 use meshnet::keys::PrivateKey;
 use meshnet::membership::{Membership, PeerSpec};
 use proptest::prelude::*;
@@ -75,6 +76,17 @@ proptest! {
         node.handle_timers(Instant::now(), &mut out);
         let h2: SocketAddr = "192.0.2.2:51820".parse().unwrap();
         prop_assert!(out.network().all(|(to, _)| to == h2), "something was sent somewhere but the peer");
+    }
+
+    #[test]
+    fn arbitrary_dns_queries_never_panic_or_amplify(query in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let zone = meshnet::dns::Zone::build("mesh.internal", "10.42.0.0/16".parse().unwrap(), &[]);
+        for transport in [Transport::Udp, Transport::Tcp] {
+            if let Decision::Reply(bytes) = answer(&zone, &query, transport, 0) {
+                prop_assert!(transport == Transport::Tcp || bytes.len() <= 512);
+                prop_assert!(bytes.len() >= 12);
+            }
+        }
     }
 
     #[test]

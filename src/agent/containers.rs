@@ -121,6 +121,16 @@ impl Containers {
                 req.netns
             ));
         }
+        let ports = req
+            .ports
+            .iter()
+            .map(|p| p.parse::<crate::dns::ServicePort>())
+            .collect::<Result<Vec<_>, _>>()?;
+        if !ports.is_empty() && req.service.is_none() {
+            return Err(
+                "--port needs --service: ports are published as SRV records of the service".into(),
+            );
+        }
         let address = self.ipam.choose(req.ip).map_err(|e| e.to_string())?;
         let container = Container {
             name: req.name,
@@ -130,6 +140,7 @@ impl Containers {
             address,
             mac: Mac::of_container(address),
             host_veth: netops::host_veth_name(address),
+            ports,
         };
         self.ipam
             .insert(container.clone())
@@ -226,6 +237,13 @@ impl Shell {
                         .map_err(|e| format!("attached, but {e}; rolled back"))
                 }) {
                     Ok(()) => {
+                        if let Err(e) = write_resolv_conf(
+                            &container.netns,
+                            &container.stack,
+                            &self.config.dns.domain,
+                        ) {
+                            warn!(container = %container.name, error = %e, "cannot write the container's resolv.conf");
+                        }
                         self.node.set_neighbour(container.address, container.mac);
                         info!(container = %container.name, stack = %container.stack, address = %container.address, "container attached");
                         Response::Container(container)
@@ -249,6 +267,7 @@ impl Shell {
                     Ok(()) => {
                         containers.ipam.release(&container.netns);
                         self.node.remove_neighbour(container.address);
+                        remove_resolv_conf(&container.netns);
                         info!(container = %container.name, address = %container.address, "container detached");
                         match containers.save() {
                             Ok(()) => Response::Container(container),
@@ -261,7 +280,51 @@ impl Shell {
             }
         };
         let _ = reply.send(response);
+        self.publish_records();
     }
+
+    /// Tells the record sync what this host now publishes.
+    pub(super) fn publish_records(&self) {
+        let containers = self
+            .containers
+            .as_ref()
+            .map(|c| c.list())
+            .unwrap_or_default();
+        self.local_records.send_replace(crate::dns::HostRecords {
+            host: self.config.name.clone(),
+            address: self.node.address(),
+            containers: containers
+                .into_iter()
+                .map(|c| crate::dns::ContainerRecord {
+                    name: c.name,
+                    stack: c.stack,
+                    service: c.service,
+                    address: c.address,
+                    ports: c.ports,
+                })
+                .collect(),
+        });
+    }
+}
+
+/// The container's resolver: `ip netns exec` binds /etc/netns/NS/resolv.conf
+/// over /etc/resolv.conf inside the namespace.
+fn write_resolv_conf(netns: &str, stack: &str, domain: &str) -> std::io::Result<()> {
+    let dir = std::path::Path::new("/etc/netns").join(netns);
+    std::fs::create_dir_all(&dir)?;
+    let text = format!(
+        "# written by meshd for container namespace {netns}\nnameserver {}\nsearch {stack}.{domain} {domain}\n",
+        crate::core::service::SERVICE_ADDRESS
+    );
+    let tmp = dir.join("resolv.conf.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join("resolv.conf"))
+}
+
+fn remove_resolv_conf(netns: &str) {
+    let dir = std::path::Path::new("/etc/netns").join(netns);
+    let _ = std::fs::remove_file(dir.join("resolv.conf"));
+    let _ = std::fs::remove_dir(dir);
 }
 
 async fn report(ops: &mpsc::Sender<OpDone>, done: OpDone) {

@@ -11,13 +11,16 @@
 pub mod containers;
 pub mod control_server;
 pub mod device;
+pub mod dns_server;
 pub mod netops;
+pub mod records_sync;
 pub mod state;
 pub mod uapi_server;
 pub mod underlay;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -56,6 +59,8 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("setting up bridge: {0}")]
     Bridge(#[from] NetopsError),
+    #[error(transparent)]
+    Dns(#[from] dns_server::DnsError),
     #[error("the overlay device {device} failed: {source}; was it deleted?")]
     DeviceLost {
         device: String,
@@ -110,6 +115,32 @@ pub async fn run(
             (tap, Some(containers), node)
         }
     };
+    netops::set_up_service_address((config.mode == Mode::Tap).then_some(config.bridge.as_str()))
+        .await?;
+    let (local_records, local_rx) = watch::channel(crate::dns::HostRecords {
+        host: config.name.clone(),
+        address,
+        containers: Vec::new(),
+    });
+    let (zone_tx, zone) = watch::channel(Arc::new(crate::dns::Zone::default()));
+    let upstreams = config
+        .dns
+        .upstream
+        .clone()
+        .unwrap_or_else(dns_server::system_upstreams);
+    dns_server::serve(zone.clone(), upstreams, config.subnet).await?;
+    tokio::spawn(
+        records_sync::RecordsSync {
+            domain: config.dns.domain.clone(),
+            overlay: config.overlay,
+            address,
+            withdraw_after: config.dns.withdraw_after,
+            membership: membership.clone(),
+            local: local_rx,
+            zone: zone_tx,
+        }
+        .run(),
+    );
     let mut control = ControlSocket::bind(&config.control_socket)?;
     let (control_tx, control_rx) = mpsc::channel(16);
     let mut uapi =
@@ -142,7 +173,10 @@ pub async fn run(
         started: Instant::now(),
         containers,
         ops: ops_tx,
+        local_records,
+        zone,
     };
+    shell.publish_records();
     let result = shell
         .serve(control_rx, ops_rx, &mut membership, shutdown)
         .await;
@@ -166,6 +200,10 @@ struct Shell {
     containers: Option<Containers>,
     /// Where background container operations report back.
     ops: mpsc::Sender<OpDone>,
+    /// What this host publishes to the cluster's DNS.
+    local_records: watch::Sender<crate::dns::HostRecords>,
+    /// The zone as the record sync last built it.
+    zone: watch::Receiver<Arc<crate::dns::Zone>>,
 }
 
 impl Shell {
@@ -257,6 +295,7 @@ impl Shell {
                 Some(c) => Response::Containers(c.list()),
                 None => Response::Containers(Vec::new()),
             },
+            Request::Dns => Response::Records(self.zone.borrow().views().to_vec()),
             Request::Attach(req) => return self.begin_attach(req, reply),
             Request::Detach { netns } => return self.begin_detach(netns, reply),
         };

@@ -75,6 +75,32 @@ pub async fn ensure_bridge(
     ip(&["link", "set", name, "up"]).await
 }
 
+/// Gives the host the service address (on loopback, where the agent's DNS
+/// sockets bind). In TAP mode the bridge stops the kernel from answering
+/// ARP for it: the agent answers, and passes what it does not serve itself
+/// to the host.
+pub async fn set_up_service_address(bridge: Option<&str>) -> Result<(), NetopsError> {
+    ip(&["link", "set", "lo", "up"]).await?;
+    ip(&[
+        "addr",
+        "replace",
+        &format!("{SERVICE_ADDRESS}/32"),
+        "dev",
+        "lo",
+    ])
+    .await?;
+    if let Some(bridge) = bridge {
+        let path = Path::new("/proc/sys/net/ipv4/conf")
+            .join(bridge)
+            .join("arp_ignore");
+        std::fs::write(&path, "1").map_err(|e| NetopsError::Command {
+            command: format!("write {}", path.display()),
+            stderr: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
 /// Puts a link on the bridge and brings it up.
 pub async fn enslave(link: &str, bridge: &str) -> Result<(), NetopsError> {
     ip(&["link", "set", link, "master", bridge, "up"]).await

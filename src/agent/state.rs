@@ -127,6 +127,7 @@ mod tests {
             address,
             mac: Mac::of_container(address),
             host_veth: format!("mv{i}"),
+            ports: Vec::new(),
         }
     }
 

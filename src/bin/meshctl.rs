@@ -80,6 +80,15 @@ enum Command {
         /// A specific address of this host's subnet instead of the next free.
         #[arg(long)]
         ip: Option<std::net::Ipv4Addr>,
+        /// A named port of the service, NAME:PORT/PROTO (e.g. http:8080/tcp):
+        /// published as _NAME._PROTO.<service>.<stack>.<domain> SRV. Repeatable.
+        #[arg(long = "port")]
+        ports: Vec<String>,
+    },
+    /// List the DNS records this agent serves and knows from its peers.
+    Dns {
+        #[arg(long)]
+        json: bool,
     },
     /// Undo an attach: remove the veth, free the address.
     Detach {
@@ -151,12 +160,21 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             other => anyhow::bail!("unexpected response: {other:?}"),
         },
+        Command::Dns { json } => match control::request(&socket, &Request::Dns)? {
+            Response::Records(records) if json => print_json(&records),
+            Response::Records(records) => {
+                print!("{}", report::records(&records));
+                Ok(())
+            }
+            other => anyhow::bail!("unexpected response: {other:?}"),
+        },
         Command::Attach {
             netns,
             name,
             stack,
             service,
             ip,
+            ports,
         } => {
             let req = Request::Attach(AttachRequest {
                 netns,
@@ -164,6 +182,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 stack,
                 service,
                 ip,
+                ports,
             });
             match control::request(&socket, &req)? {
                 Response::Container(c) => {

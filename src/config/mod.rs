@@ -62,6 +62,19 @@ pub enum Mode {
     Tap,
 }
 
+/// The `[dns]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    pub domain: String,
+    /// `None`: the servers in the host's /etc/resolv.conf.
+    pub upstream: Option<Vec<SocketAddr>>,
+    /// Records of a host not heard from this long are withdrawn.
+    pub withdraw_after: std::time::Duration,
+}
+
+/// Seconds after which an unreachable host's records are withdrawn.
+pub const DEFAULT_WITHDRAW_AFTER: u64 = 30;
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -78,6 +91,7 @@ pub struct Config {
     pub bridge: String,
     /// Persistent state (container addresses).
     pub state_dir: PathBuf,
+    pub dns: DnsConfig,
     /// Inner MTU; `None` means underlay MTU minus 80.
     pub mtu: Option<u16>,
     pub membership: Membership,
@@ -111,6 +125,15 @@ struct RawConfig {
     cluster_psk_file: Option<Spanned<String>>,
     #[serde(default)]
     peer: Vec<Spanned<RawPeer>>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    domain: Option<Spanned<String>>,
+    upstream: Option<Vec<Spanned<String>>>,
+    withdraw_after: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +265,7 @@ impl Validator<'_> {
             Some(s) => PathBuf::from(s.get_ref()),
             None => default_control_socket(&device),
         };
+        let dns = self.dns(raw.dns.as_ref())?;
         let mtu = raw.mtu.as_ref().map(|m| self.mtu(m)).transpose()?;
         let cluster_psk = raw
             .cluster_psk_file
@@ -267,6 +291,7 @@ impl Validator<'_> {
             control_socket,
             bridge,
             state_dir,
+            dns,
             mtu,
             membership: Membership { peers },
         })
@@ -379,6 +404,53 @@ impl Validator<'_> {
             ));
         }
         Ok(d.clone())
+    }
+
+    fn dns(&self, raw: Option<&RawDns>) -> Result<DnsConfig, ConfigError> {
+        let domain = match raw.and_then(|d| d.domain.as_ref()) {
+            Some(d) => {
+                let text = d.get_ref().trim_end_matches('.').to_lowercase();
+                if text.is_empty() || !text.split('.').all(crate::membership::is_dns_label) {
+                    return Err(self.error(
+                        d.span(),
+                        "dns.domain",
+                        format!("{:?} is not a domain name", d.get_ref()),
+                    ));
+                }
+                text
+            }
+            None => crate::dns::records::DEFAULT_DOMAIN.to_owned(),
+        };
+        let upstream = match raw.and_then(|d| d.upstream.as_ref()) {
+            Some(list) => {
+                let mut servers = Vec::with_capacity(list.len());
+                for s in list {
+                    let addr = self.socket_addr(s, "dns.upstream")?;
+                    if addr.ip() == std::net::IpAddr::V4(crate::core::service::SERVICE_ADDRESS) {
+                        return Err(self.error(
+                            s.span(),
+                            "dns.upstream",
+                            "the agent cannot forward to itself",
+                        ));
+                    }
+                    servers.push(addr);
+                }
+                Some(servers)
+            }
+            None => None,
+        };
+        let withdraw_after = match raw.and_then(|d| d.withdraw_after.as_ref()) {
+            Some(w) => match u64::try_from(*w.get_ref()) {
+                Ok(secs) if secs >= 5 => std::time::Duration::from_secs(secs),
+                _ => return Err(self.error(w.span(), "dns.withdraw_after", "seconds, at least 5")),
+            },
+            None => std::time::Duration::from_secs(DEFAULT_WITHDRAW_AFTER),
+        };
+        Ok(DnsConfig {
+            domain,
+            upstream,
+            withdraw_after,
+        })
     }
 
     fn mtu(&self, value: &Spanned<i64>) -> Result<u16, ConfigError> {

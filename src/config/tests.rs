@@ -404,3 +404,23 @@ fn open_psk_files_are_refused() {
     )));
     assert_at(&e, 10, "peer.h2.preshared_key_file", "chmod 600");
 }
+
+#[test]
+fn dns_table_defaults_and_values() {
+    let f = Fixture::new();
+    let c = f.parse(HEAD).unwrap();
+    assert_eq!(c.dns.domain, "mesh.internal");
+    assert_eq!(c.dns.upstream, None);
+    assert_eq!(c.dns.withdraw_after, std::time::Duration::from_secs(30));
+    let c = f
+        .parse(&format!("{HEAD}[dns]\ndomain = \"Corp.Example.\"\nupstream = [\"192.0.2.53:53\"]\nwithdraw_after = 10\n"))
+        .unwrap();
+    assert_eq!(c.dns.domain, "corp.example");
+    assert_eq!(c.dns.upstream, Some(vec!["192.0.2.53:53".parse().unwrap()]));
+    let e = f.err(&format!(
+        "{HEAD}[dns]\nupstream = [\"169.254.169.250:53\"]\n"
+    ));
+    assert_at(&e, 5, "dns.upstream", "cannot forward to itself");
+    let e = f.err(&format!("{HEAD}[dns]\ndomian = \"x\"\n"));
+    assert_eq!(e.key.as_deref(), Some("domian"), "{e}");
+}

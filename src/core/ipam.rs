@@ -31,6 +31,9 @@ pub struct Container {
     pub mac: Mac,
     /// The host end of its veth pair, on the bridge.
     pub host_veth: String,
+    /// Named ports it declared (SRV records).
+    #[serde(default)]
+    pub ports: Vec<crate::dns::ServicePort>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -168,6 +171,7 @@ mod tests {
             address,
             mac: Mac::of_container(address),
             host_veth: format!("mv{name}"),
+            ports: Vec::new(),
         }
     }
 

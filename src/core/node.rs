@@ -392,15 +392,28 @@ impl Node {
         out.commit_device_framed(placed, &header);
     }
 
-    /// Answers what the agent serves itself at the service address.
+    /// Answers what the agent serves itself at the service address (ICMP
+    /// echo) and hands the rest (DNS) to the host, whose sockets serve it:
+    /// the frame goes back out framed for the bridge.
     fn answer_service(&mut self, packet: &[u8], asker: Mac, agent_mac: Mac, out: &mut Outbox) {
         let room = out.spare(ETHERNET_HEADER + packet.len().max(64));
         let start = room.as_ptr();
-        let Some(n) = service::echo_reply(packet, &mut room[ETHERNET_HEADER..]) else {
+        if let Some(n) = service::echo_reply(packet, &mut room[ETHERNET_HEADER..]) {
+            write_header(room, asker, agent_mac, ETHERTYPE_IPV4);
+            let placed = Placed::within(start, &room[..ETHERNET_HEADER + n]);
+            return out.commit_device(placed);
+        }
+        let host = membership::host_address(self.subnet);
+        let Some(bridge) = self
+            .tap
+            .as_ref()
+            .and_then(|t| t.neighbours.get(&host).copied())
+        else {
             return;
         };
-        write_header(room, asker, agent_mac, ETHERTYPE_IPV4);
-        let placed = Placed::within(start, &room[..ETHERNET_HEADER + n]);
+        room[ETHERNET_HEADER..ETHERNET_HEADER + packet.len()].copy_from_slice(packet);
+        write_header(room, bridge, agent_mac, ETHERTYPE_IPV4);
+        let placed = Placed::within(start, &room[..ETHERNET_HEADER + packet.len()]);
         out.commit_device(placed);
     }
 
