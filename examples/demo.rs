@@ -1,7 +1,7 @@
 //! The meshnet demo: three hosts in network namespaces, each running meshd
 //! in TAP mode with a container attached; pings between containers across
-//! hosts, the agent's service address, `meshctl containers` and `meshctl
-//! peers`, narrated.
+//! hosts, the agent's service address, names resolved through the cluster
+//! DNS, `meshctl containers`, `meshctl dns` and `meshctl peers`, narrated.
 //!
 //! Run it through `scripts/demo.sh`, which installs what it needs and
 //! builds the binaries first. Everything it creates is removed at the end.
@@ -40,17 +40,28 @@ fn main() -> Result<()> {
     println!("   all 6 tunnels are up");
 
     let mut containers = Vec::new();
-    for (host, name, stack) in [(0, "web", "shop"), (1, "api", "shop"), (2, "db", "shop")] {
+    for (host, name, stack, extra) in [
+        (
+            0,
+            "web",
+            "shop",
+            &["--service", "www", "--port", "http:8080/tcp"][..],
+        ),
+        (1, "api", "shop", &[][..]),
+        (2, "db", "shop", &[][..]),
+    ] {
         let ns = bed.add_container_ns(host, name)?;
         say(&format!(
-            "{} $ meshctl attach --netns {ns} --name {name} --stack {stack}",
-            bed.hosts[host].name
+            "{} $ meshctl attach --netns {ns} --name {name} --stack {stack} {}",
+            bed.hosts[host].name,
+            extra.join(" ")
         ));
-        let addr = bed.attach(host, &ns, name, &["--stack", stack])?;
+        let mut args = vec!["--stack", stack];
+        args.extend_from_slice(extra);
+        let addr = bed.attach(host, &ns, name, &args)?;
         println!("   {addr}");
         containers.push((name, ns, addr));
     }
-
     let (web, api, db) = (&containers[0], &containers[1], &containers[2]);
     for (from, to) in [(web, api), (api, db), (db, web)] {
         run_in(
@@ -60,6 +71,16 @@ fn main() -> Result<()> {
         )?;
     }
     run_in(&web.1, web.0, &["ping", "-c", "1", "169.254.169.250"])?;
+    // Records reach every host through the mesh within moments.
+    std::thread::sleep(Duration::from_millis(500));
+    run_in(&web.1, web.0, &["getent", "hosts", "db"])?;
+    run_in(&web.1, web.0, &["dig", "+short", "api.shop.mesh.internal"])?;
+    run_in(
+        &db.1,
+        db.0,
+        &["dig", "+short", "SRV", "_http._tcp.www.shop.mesh.internal"],
+    )?;
+    run_in(&db.1, db.0, &["dig", "+short", "-x", &web.2.to_string()])?;
     say("web $ ip neigh   (remote containers sit at the agent's MAC)");
     print!(
         "{}",
@@ -68,7 +89,12 @@ fn main() -> Result<()> {
         ))
     );
 
-    for args in [&["containers"][..], &["peers"][..], &["status"][..]] {
+    for args in [
+        &["containers"][..],
+        &["dns"][..],
+        &["peers"][..],
+        &["status"][..],
+    ] {
         say(&format!("h1 $ meshctl {}", args.join(" ")));
         let out = bed.meshctl(0, args)?;
         print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));

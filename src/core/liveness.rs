@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub const REKEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long after WireGuard gave up meshd starts a fresh attempt.
 pub const RETRY_BACKOFF: Duration = Duration::from_secs(30);
+/// WireGuard's REJECT_AFTER_TIME: no session outlives it unconfirmed.
+const REJECT_AFTER: Duration = Duration::from_secs(180);
 /// Grace beyond REKEY_TIMEOUT before an unanswered handshake counts as a
 /// failing tunnel rather than a routine rekey (which answers in one RTT).
 const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
@@ -51,6 +53,11 @@ pub struct Liveness {
     attempt_since: Option<Instant>,
     /// When WireGuard last gave up on the peer.
     gave_up_at: Option<Instant>,
+    /// When the tunnel last proved to work both ways: a handshake response
+    /// accepted, or data received on a session. Answering an initiation
+    /// proves nothing: with differing preshared keys the responder cannot
+    /// tell, only the initiator can.
+    confirmed_at: Option<Instant>,
 }
 
 impl Liveness {
@@ -61,6 +68,7 @@ impl Liveness {
             last_handshake: None,
             attempt_since: None,
             gave_up_at: None,
+            confirmed_at: None,
         }
     }
 
@@ -76,6 +84,7 @@ impl Liveness {
     /// The peer accepted our initiation: the tunnel works.
     pub fn on_response(&mut self, now: Instant) {
         self.last_handshake = Some(now);
+        self.confirmed_at = Some(now);
         self.attempt_since = None;
         self.gave_up_at = None;
     }
@@ -92,6 +101,7 @@ impl Liveness {
     pub fn on_authenticated(&mut self, now: Instant, is_data: bool, has_session: bool) {
         self.last_rx = Some(now);
         if is_data && has_session {
+            self.confirmed_at = Some(now);
             self.attempt_since = None;
             self.gave_up_at = None;
         }
@@ -113,7 +123,10 @@ impl Liveness {
     /// The state an operator sees, given whether the protocol holds a
     /// usable session.
     pub fn state(&self, now: Instant, has_session: bool) -> PeerState {
-        if has_session && !self.is_silent(now) && !self.handshake_failing(now) {
+        let confirmed = self
+            .confirmed_at
+            .is_some_and(|t| now.saturating_duration_since(t) < REJECT_AFTER);
+        if has_session && confirmed && !self.is_silent(now) && !self.handshake_failing(now) {
             PeerState::Up
         } else if self.attempt_since.is_some() {
             PeerState::Connecting
@@ -234,6 +247,17 @@ mod tests {
         l.on_authenticated(t0 + S, true, true);
         assert_eq!(l.state(t0 + S, true), PeerState::Up);
         assert_eq!(l.last_handshake(), Some(t0));
+    }
+
+    #[test]
+    fn an_answered_initiation_alone_is_not_a_working_tunnel() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(None);
+        l.on_initiation_answered(t0);
+        l.on_authenticated(t0, false, true);
+        assert_ne!(l.state(t0, true), PeerState::Up);
+        l.on_authenticated(t0 + S, true, true);
+        assert_eq!(l.state(t0 + S, true), PeerState::Up);
     }
 
     #[test]

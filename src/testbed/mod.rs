@@ -463,6 +463,8 @@ impl Drop for Testbed {
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
                 .status();
+            // Per-namespace files (a container's resolv.conf) outlive it.
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
     }
 }
@@ -708,21 +710,28 @@ fn preflight() -> Result<()> {
 /// Deletes testbed namespaces whose owning process is gone (a test that
 /// was killed before its guards could run).
 fn sweep_dead_testbeds() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else {
-            continue;
-        };
-        let Some(pid) = name
-            .strip_prefix(NS_PREFIX)
+    let dead = |name: &str| {
+        name.strip_prefix(NS_PREFIX)
             .and_then(|r| r.split('-').next())
-        else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            .is_some_and(|pid| pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists())
+    };
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            if dead(name) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_str().is_some_and(dead) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
