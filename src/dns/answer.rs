@@ -470,6 +470,44 @@ mod tests {
     }
 
     #[test]
+    fn servfail_echoes_the_question_and_id() {
+        let q = query_message(0x4242, "unreachable.example.", RecordType::A).unwrap();
+        let m = Message::from_vec(&server_failure(&q, Transport::Udp).unwrap()).unwrap();
+        assert_eq!(
+            (m.metadata.id, m.metadata.response_code),
+            (0x4242, ResponseCode::ServFail)
+        );
+        assert_eq!(m.queries[0].name().to_ascii(), "unreachable.example.");
+        assert!(server_failure(&[1, 2], Transport::Udp).is_none());
+    }
+
+    #[test]
+    fn a_container_without_a_stack_lives_in_default() {
+        let hosts = vec![HostRecords {
+            host: "h1".into(),
+            address: [10, 42, 1, 1].into(),
+            containers: vec![ContainerRecord {
+                name: "solo".into(),
+                stack: crate::core::ipam::DEFAULT_STACK.into(),
+                service: None,
+                address: [10, 42, 1, 9].into(),
+                ports: vec![],
+            }],
+        }];
+        let z = Zone::build("mesh.internal", "10.42.0.0/16".parse().unwrap(), &hosts);
+        assert_eq!(
+            addrs(&ask(
+                &z,
+                "solo.default.mesh.internal.",
+                RecordType::A,
+                Transport::Udp,
+                0
+            )),
+            [Ipv4Addr::new(10, 42, 1, 9)]
+        );
+    }
+
+    #[test]
     fn oversized_upstream_answers_are_truncated_for_udp() {
         let z = zone(60);
         let q = query_message(9, "web.shop.mesh.internal.", RecordType::A).unwrap();
