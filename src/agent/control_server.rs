@@ -5,6 +5,7 @@
 //! agent's owning task over a channel, so no state is shared or locked.
 //! Must never: follow or remove anything but a stale socket at its own path.
 
+use std::future::Future;
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -47,13 +48,17 @@ pub fn clear_stale(path: &Path) -> Result<(), ControlSocketError> {
     }
 }
 
-/// The bound socket; removes its file when dropped.
-pub struct ControlSocket {
+/// A Unix socket only root can use (mode 0600), removed when dropped.
+pub struct PrivateSocket {
     path: PathBuf,
     listener: Option<UnixListener>,
 }
 
-impl ControlSocket {
+/// The agent's control socket.
+pub type ControlSocket = PrivateSocket;
+
+impl PrivateSocket {
+    /// Binds `path`, replacing a stale socket and refusing a live one.
     pub fn bind(path: &Path) -> Result<Self, ControlSocketError> {
         let fail = |e| ControlSocketError::Io(path.to_owned(), e);
         clear_stale(path)?;
@@ -68,20 +73,40 @@ impl ControlSocket {
         })
     }
 
-    /// Serves connections until the receiving side of `requests` is gone.
+    /// Serves the control protocol.
     pub fn serve(&mut self, requests: mpsc::Sender<ControlRequest>) {
+        self.serve_with(requests, "control", answer);
+    }
+
+    /// Serves each connection with `handle`, in a task of its own, passing
+    /// it the channel to the agent's owning task.
+    pub fn serve_with<F, Fut>(
+        &mut self,
+        requests: mpsc::Sender<ControlRequest>,
+        what: &'static str,
+        handle: F,
+    ) where
+        F: Fn(UnixStream, mpsc::Sender<ControlRequest>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+    {
         let Some(listener) = self.listener.take() else {
             return;
         };
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors, say: back off, don't spin.
+                        tracing::warn!(error = %e, "{what} socket accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
-                let requests = requests.clone();
+                let conversation = handle(stream, requests.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, requests).await {
-                        tracing::debug!(error = %e, "control connection failed");
+                    if let Err(e) = conversation.await {
+                        tracing::debug!(error = %e, "{what} connection failed");
                     }
                 });
             }
@@ -89,7 +114,7 @@ impl ControlSocket {
     }
 }
 
-impl Drop for ControlSocket {
+impl Drop for PrivateSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }

@@ -143,11 +143,11 @@ pub async fn run(
     );
     let mut control = ControlSocket::bind(&config.control_socket)?;
     let (control_tx, control_rx) = mpsc::channel(16);
-    let mut uapi =
-        uapi_server::UapiSocket::bind(std::path::Path::new(uapi_server::UAPI_DIR), &config.device);
-    if let Some(uapi) = uapi.as_mut() {
-        uapi.serve(control_tx.clone());
-    }
+    let uapi = uapi_server::serve(
+        std::path::Path::new(uapi_server::UAPI_DIR),
+        &config.device,
+        control_tx.clone(),
+    );
     control.serve(control_tx);
     node.apply_membership(&membership.borrow_and_update());
     tracing::info!(

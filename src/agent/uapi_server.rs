@@ -7,79 +7,36 @@
 //! Must never: accept `set`, or answer anything but a well-formed `get=1`.
 
 use std::io::ErrorKind;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::control_server::{self, ControlRequest};
+use super::control_server::{ControlRequest, PrivateSocket};
 use crate::control::{MAX_REQUEST, REQUEST_TIMEOUT, Request, Response};
 
 /// Where `wg` looks for userspace implementations.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
 
-pub struct UapiSocket {
-    path: PathBuf,
-    listener: Option<UnixListener>,
-}
-
-impl UapiSocket {
-    /// Binds the device's UAPI socket; `None` (with a warning) when that
-    /// cannot be done.
-    pub fn bind(dir: &Path, device: &str) -> Option<Self> {
-        let path = dir.join(format!("{device}.sock"));
-        let bound = control_server::clear_stale(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|()| std::fs::create_dir_all(dir).map_err(|e| e.to_string()))
-            .and_then(|()| UnixListener::bind(&path).map_err(|e| e.to_string()))
-            .and_then(|l| {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                    .map(|()| l)
-                    .map_err(|e| e.to_string())
-            });
-        match bound {
-            Ok(listener) => Some(Self {
-                path,
-                listener: Some(listener),
-            }),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "no WireGuard UAPI socket: `wg show` will not see this agent");
-                None
-            }
+/// Binds the device's UAPI socket and serves it; `None` (with a warning)
+/// when that cannot be done. The socket goes when the value is dropped.
+pub fn serve(
+    dir: &Path,
+    device: &str,
+    requests: mpsc::Sender<ControlRequest>,
+) -> Option<PrivateSocket> {
+    let path = dir.join(format!("{device}.sock"));
+    match PrivateSocket::bind(&path) {
+        Ok(mut socket) => {
+            socket.serve_with(requests, "UAPI", answer);
+            Some(socket)
         }
-    }
-
-    pub fn serve(&mut self, requests: mpsc::Sender<ControlRequest>) {
-        let Some(listener) = self.listener.take() else {
-            return;
-        };
-        tokio::spawn(async move {
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "UAPI accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let requests = requests.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = answer(stream, requests).await {
-                        tracing::debug!(error = %e, "UAPI connection failed");
-                    }
-                });
-            }
-        });
-    }
-}
-
-impl Drop for UapiSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no WireGuard UAPI socket: `wg show` will not see this agent");
+            None
+        }
     }
 }
 
