@@ -128,6 +128,40 @@ fn containers_on_different_hosts_reach_each_other_through_proxy_arp() {
     assert_eq!(neighbour(&c1, a3), Some(db.mac));
     assert_ne!(db.mac, agent_mac(&bed, 0));
 
+    // A container that takes another local address gets nowhere with it.
+    let add =
+        meshnet::testbed::exec_in(&c1, &["ip", "addr", "add", "10.42.1.99/16", "dev", "eth0"])
+            .unwrap();
+    assert!(add.status.success(), "{add:?}");
+    let spoof = meshnet::testbed::exec_in(
+        &c1,
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            "10.42.1.99",
+            &a2.to_string(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        !spoof.status.success(),
+        "a borrowed address crossed the mesh"
+    );
+    let drops = bed
+        .status(0)
+        .unwrap()
+        .dropped
+        .get("spoofed_source")
+        .copied()
+        .unwrap_or(0);
+    assert!(drops >= 2, "spoofed packets were not counted: {drops}");
+
     // The container got what attach promises.
     let link = meshnet::testbed::exec_in(&c1, &["ip", "-o", "addr", "show", "eth0"]).unwrap();
     assert!(

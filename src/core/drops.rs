@@ -14,6 +14,8 @@ pub enum DropReason {
     Malformed,
     /// From the device: the source is not an address of this host's subnet.
     ForeignSource,
+    /// TAP mode: a local source address from a MAC that does not hold it.
+    SpoofedSource,
     /// From the device: no peer owns the destination.
     NoRoute,
     /// The owning peer has no known endpoint yet.
@@ -37,10 +39,11 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NotIpv4,
         DropReason::Malformed,
         DropReason::ForeignSource,
+        DropReason::SpoofedSource,
         DropReason::NoRoute,
         DropReason::NoEndpoint,
         DropReason::InvalidDatagram,
@@ -58,6 +61,7 @@ impl DropReason {
             DropReason::NotIpv4 => "not_ipv4",
             DropReason::Malformed => "malformed",
             DropReason::ForeignSource => "foreign_source",
+            DropReason::SpoofedSource => "spoofed_source",
             DropReason::NoRoute => "no_route",
             DropReason::NoEndpoint => "no_endpoint",
             DropReason::InvalidDatagram => "invalid_datagram",

@@ -177,12 +177,20 @@ impl Node {
         }
         let agent_mac = tap.agent_mac;
         let packet = without_ethernet_padding(frame.payload);
-        match packet::ipv4_addresses(packet) {
-            Ok(a) if a.destination == SERVICE_ADDRESS => {
-                self.answer_service(packet, frame.source, agent_mac, out)
-            }
-            _ => self.handle_device_packet(now, packet, out),
+        let addrs = match packet::ipv4_addresses(packet) {
+            Ok(a) => a,
+            Err(reason) => return self.drop(reason),
+        };
+        // A local address speaks only from the MAC that holds it (the
+        // bridge for the host, a container's own from attach): a container
+        // cannot borrow another's address, or the host's.
+        if tap.neighbours.get(&addrs.source) != Some(&frame.source) {
+            return self.drop(DropReason::SpoofedSource);
         }
+        if addrs.destination == SERVICE_ADDRESS {
+            return self.answer_service(packet, frame.source, agent_mac, out);
+        }
+        self.handle_device_packet(now, packet, out);
     }
 
     /// This host's overlay address.

@@ -735,6 +735,36 @@ mod tap {
     }
 
     #[test]
+    fn a_container_cannot_speak_with_another_local_address() {
+        let mut sim = pair();
+        let other = Ipv4Addr::new(10, 42, 1, 9);
+        sim.hosts[0]
+            .node
+            .set_neighbour(other, Mac::of_container(other));
+        let host = Ipv4Addr::new(10, 42, 1, 1);
+        for (claimed, why) in [
+            (other, "another container"),
+            (host, "the host"),
+            (Ipv4Addr::new(10, 42, 1, 77), "an unattached address"),
+        ] {
+            let packet = icmp_echo(claimed.octets(), C2.octets(), b"spoof");
+            let sent = frame(
+                agent_mac(&sim, 0),
+                Mac::of_container(C1),
+                ETHERTYPE_IPV4,
+                &packet,
+            );
+            assert!(from_device(&mut sim, 0, &sent).is_empty(), "{why}");
+            assert_eq!(
+                sim.hosts[0].out.network().len(),
+                0,
+                "{why} crossed the mesh"
+            );
+        }
+        assert_eq!(sim.hosts[0].node.drops().get(DropReason::SpoofedSource), 3);
+    }
+
+    #[test]
     fn garbage_frames_are_counted() {
         let mut sim = pair();
         assert!(from_device(&mut sim, 0, &[1, 2, 3]).is_empty());
