@@ -153,20 +153,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Genpsk { out } => write_secret(&PresharedKey::generate()?.to_base64(), out),
         Command::Status { json } => match control::request(&socket, &Request::Status)? {
-            Response::Status(status) if json => print_json(&status),
-            Response::Status(status) => {
-                print!("{}", report::status(&status));
-                Ok(())
-            }
-            other => anyhow::bail!("unexpected response: {other:?}"),
+            Response::Status(status) => show(&status, json, report::status),
+            other => unexpected(other),
         },
         Command::Dns { json } => match control::request(&socket, &Request::Dns)? {
-            Response::Records(records) if json => print_json(&records),
-            Response::Records(records) => {
-                print!("{}", report::records(&records));
-                Ok(())
-            }
-            other => anyhow::bail!("unexpected response: {other:?}"),
+            Response::Records(records) => show(&records, json, |r| report::records(r)),
+            other => unexpected(other),
         },
         Command::Attach {
             netns,
@@ -189,7 +181,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     println!("{}", c.address);
                     Ok(())
                 }
-                other => anyhow::bail!("unexpected response: {other:?}"),
+                other => unexpected(other),
             }
         }
         Command::Detach { netns } => match control::request(&socket, &Request::Detach { netns })? {
@@ -200,15 +192,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-            other => anyhow::bail!("unexpected response: {other:?}"),
+            other => unexpected(other),
         },
         Command::Containers { json } => match control::request(&socket, &Request::Containers)? {
-            Response::Containers(list) if json => print_json(&list),
-            Response::Containers(list) => {
-                print!("{}", report::containers(&list));
-                Ok(())
-            }
-            other => anyhow::bail!("unexpected response: {other:?}"),
+            Response::Containers(list) => show(&list, json, |l| report::containers(l)),
+            other => unexpected(other),
         },
     }
 }
@@ -227,6 +215,23 @@ fn write_secret(secret: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(file, "{secret}").with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Prints a response as JSON or as text.
+fn show<T: serde::Serialize>(
+    value: &T,
+    json: bool,
+    text: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        return print_json(value);
+    }
+    print!("{}", text(value));
+    Ok(())
+}
+
+fn unexpected(response: Response) -> anyhow::Result<()> {
+    anyhow::bail!("meshd sent an unexpected response: {response:?}")
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
