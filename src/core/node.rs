@@ -190,7 +190,8 @@ impl Node {
         if addrs.destination == SERVICE_ADDRESS {
             return self.answer_service(packet, frame.source, agent_mac, out);
         }
-        self.handle_device_packet(now, packet, out);
+        // The binding above already proves the source is this host's.
+        self.forward(now, packet, addrs.destination, out);
     }
 
     /// This host's overlay address.
@@ -227,7 +228,13 @@ impl Node {
         if !self.subnet.contains(&addrs.source) {
             return self.drop(DropReason::ForeignSource);
         }
-        let Some(&slot) = self.routes.lookup(addrs.destination) else {
+        self.forward(now, packet, addrs.destination, out);
+    }
+
+    /// Sends a checked packet from this host to the peer that owns its
+    /// destination, or answers that no one does.
+    fn forward(&mut self, now: Instant, packet: &[u8], destination: Ipv4Addr, out: &mut Outbox) {
+        let Some(&slot) = self.routes.lookup(destination) else {
             self.reply_unreachable(packet, out);
             return self.drop(DropReason::NoRoute);
         };

@@ -317,6 +317,14 @@ impl Peer {
     }
 
     fn authenticated(&mut self, now: Instant, from: SocketAddr, kind: u8) {
+        let is_data = kind == MSG_DATA;
+        if is_data && self.reported == PeerState::Up && self.endpoint == Some(from) {
+            // The steady state, once per received packet: data on a working
+            // tunnel from where it already was changes nothing but the
+            // clocks, so the state is not re-evaluated.
+            self.liveness.on_authenticated(now, true, true);
+            return;
+        }
         match kind {
             MSG_INITIATION => self.liveness.on_initiation_answered(now),
             MSG_RESPONSE => {
@@ -325,9 +333,10 @@ impl Peer {
             }
             _ => {}
         }
-        let has_session = self.has_session();
-        self.liveness
-            .on_authenticated(now, kind == MSG_DATA, has_session);
+        // A data message that decrypted proves a session; only handshakes
+        // need to ask the protocol library.
+        let has_session = is_data || self.has_session();
+        self.liveness.on_authenticated(now, is_data, has_session);
         if self.endpoint != Some(from) {
             info!(parent: &self.span, endpoint = %from, previous = ?self.endpoint, "endpoint changed");
             self.endpoint = Some(from);
