@@ -191,46 +191,9 @@ fn set_up(tunnel: Tunnel, bins: &Binaries) -> Result<Setup> {
 
 /// A userspace WireGuard on host `i`, configured like meshd would be.
 fn userspace_wg(bed: &Testbed, i: usize, program: &[String]) -> Result<WireguardGo> {
-    let ns = &bed.hosts[i].ns;
     let program: Vec<&str> = program.iter().map(String::as_str).collect();
-    let wg = WireguardGo::start_program(ns, &unique_name("bw"), &program)?;
-    let key = bed.write_secret(&format!("wg{i}.key"), &bed.hosts[i].key.to_base64())?;
-    let other = 1 - i;
-    let (peer_key, endpoint) = (
-        bed.hosts[other].key.public_key().to_string(),
-        format!("{}:51820", bed.hosts[other].underlay),
-    );
-    let allowed = format!("10.42.{}.0/24", other + 1);
-    let key = key.display().to_string();
-    wg.wg(
-        ns,
-        &[
-            "set",
-            &wg.name,
-            "listen-port",
-            "51820",
-            "private-key",
-            &key,
-            "peer",
-            &peer_key,
-            "allowed-ips",
-            &allowed,
-            "endpoint",
-            &endpoint,
-        ],
-    )?;
-    let address = format!("{}/16", bed.hosts[i].overlay);
-    for cmd in [
-        vec!["ip", "addr", "add", &address, "dev", &wg.name],
-        vec!["ip", "link", "set", &wg.name, "up", "mtu", "1420"],
-    ] {
-        let out = exec_in(ns, &cmd)?;
-        ensure!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let wg = WireguardGo::start_program(&bed.hosts[i].ns, &unique_name("bw"), &program)?;
+    wg.configure(bed, i, 1 - i, true, None)?;
     Ok(wg)
 }
 

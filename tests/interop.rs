@@ -70,46 +70,12 @@ fn pair(tag: &str, o: PairOptions) -> Pair {
             .unwrap();
     }
 
-    let ns = bed.hosts[WG].ns.clone();
-    let wg = WireguardGo::start(&ns, &unique_name("wg")).unwrap();
-    let key = bed
-        .write_secret("wg.key", &bed.hosts[WG].key.to_base64())
+    let wg = WireguardGo::start(&bed.hosts[WG].ns, &unique_name("wg")).unwrap();
+    let psk = o
+        .wg_psk
+        .map(|psk| bed.write_secret("wg.psk", &psk.to_base64()).unwrap());
+    wg.configure(&bed, WG, MESHD, o.wg_knows_endpoint, psk.as_deref())
         .unwrap();
-    let meshd_key = bed.hosts[MESHD].key.public_key().to_string();
-    let key = key.to_str().unwrap().to_owned();
-    let mut args = vec![
-        "set",
-        &wg.name,
-        "listen-port",
-        "51820",
-        "private-key",
-        &key,
-        "peer",
-        &meshd_key,
-        "allowed-ips",
-        "10.42.1.0/24",
-    ];
-    if o.wg_knows_endpoint {
-        args.extend(["endpoint", "192.0.2.1:51820"]);
-    }
-    let psk_path;
-    if let Some(psk) = o.wg_psk {
-        psk_path = bed
-            .write_secret("wg.psk", &psk.to_base64())
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_owned();
-        args.extend(["preshared-key", &psk_path]);
-    }
-    wg.wg(&ns, &args).unwrap();
-    for cmd in [
-        vec!["ip", "addr", "add", "10.42.2.1/16", "dev", &wg.name],
-        vec!["ip", "link", "set", &wg.name, "up", "mtu", "1420"],
-    ] {
-        let out = exec_in(&ns, &cmd).unwrap();
-        assert!(out.status.success(), "{cmd:?}: {out:?}");
-    }
     bed.start(MESHD).unwrap();
     Pair {
         bed,

@@ -28,6 +28,18 @@ fn mesh(tag: &str) -> Testbed {
     bed
 }
 
+/// Two hosts without keepalive, agents started (not waited for).
+fn two_started_hosts(tag: &str) -> Testbed {
+    let options = MeshOptions {
+        hosts: 2,
+        keepalive: None,
+        ..MeshOptions::default()
+    };
+    let mut bed = Testbed::new(tag, &options, bins()).expect("building the testbed");
+    bed.start_all().expect("starting agents");
+    bed
+}
+
 fn all_up(peers: &[PeerStatus]) -> bool {
     peers
         .iter()
@@ -267,13 +279,7 @@ fn a_crashed_agent_shows_down_and_a_restart_restores_traffic_without_touching_th
 
 #[test]
 fn sigterm_removes_device_and_socket_and_a_second_agent_is_refused() {
-    let opts = MeshOptions {
-        hosts: 2,
-        keepalive: None,
-        ..MeshOptions::default()
-    };
-    let mut bed = Testbed::new("term", &opts, bins()).unwrap();
-    bed.start_all().unwrap();
+    let mut bed = two_started_hosts("term");
     wait_all_up(&bed);
 
     // A second agent with the same config must not disturb the first.
@@ -375,13 +381,7 @@ fn sighup_applies_a_changed_peer_list_without_dropping_other_tunnels() {
 
 #[test]
 fn a_deleted_device_stops_the_agent_with_a_clear_error() {
-    let opts = MeshOptions {
-        hosts: 2,
-        keepalive: None,
-        ..MeshOptions::default()
-    };
-    let mut bed = Testbed::new("lost", &opts, bins()).unwrap();
-    bed.start_all().unwrap();
+    let mut bed = two_started_hosts("lost");
     let out = bed.exec(0, &["ip", "link", "del", "mesh0"]).unwrap();
     assert!(out.status.success(), "{out:?}");
     let exited = wait_until(Duration::from_secs(5), || bed.agent_exited(0));

@@ -514,6 +514,57 @@ impl WireguardGo {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Configures this interface as host `i` of `bed`, the way meshd would
+    /// be configured there: host `i`'s key and address (its subnet's first,
+    /// with the overlay prefix), MTU 1420, and host `peer` as its one peer
+    /// (allowed IPs: that host's subnet; its endpoint only when `endpoint`;
+    /// a preshared key file when given).
+    pub fn configure(
+        &self,
+        bed: &Testbed,
+        i: usize,
+        peer: usize,
+        endpoint: bool,
+        psk: Option<&Path>,
+    ) -> Result<()> {
+        let ns = &bed.hosts[i].ns;
+        let key = bed.write_secret(&format!("{}.key", self.name), &bed.hosts[i].key.to_base64())?;
+        let key = key.display().to_string();
+        let peer_key = bed.hosts[peer].key.public_key().to_string();
+        let allowed = format!("10.42.{}.0/24", peer + 1);
+        let peer_endpoint = format!("{}:51820", bed.hosts[peer].underlay);
+        let psk = psk.map(|p| p.display().to_string());
+        let mut args = vec![
+            "set",
+            &self.name,
+            "listen-port",
+            "51820",
+            "private-key",
+            &key,
+        ];
+        args.extend(["peer", &peer_key, "allowed-ips", &allowed]);
+        if endpoint {
+            args.extend(["endpoint", &peer_endpoint]);
+        }
+        if let Some(psk) = &psk {
+            args.extend(["preshared-key", psk]);
+        }
+        self.wg(ns, &args)?;
+        let address = format!("{}/16", bed.hosts[i].overlay);
+        for cmd in [
+            vec!["ip", "addr", "add", &address, "dev", &self.name],
+            vec!["ip", "link", "set", &self.name, "up", "mtu", "1420"],
+        ] {
+            let out = exec_in(ns, &cmd)?;
+            ensure!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `wg ARGS` against this interface from `ns`.
     pub fn wg(&self, ns: &str, args: &[&str]) -> Result<Output> {
         let mut full = vec!["wg"];

@@ -545,6 +545,16 @@ mod tap {
         f
     }
 
+    /// An IPv4 frame from container C1 to h0's agent.
+    fn from_c1(sim: &Sim, packet: &[u8]) -> Vec<u8> {
+        frame(
+            agent_mac(sim, 0),
+            Mac::of_container(C1),
+            ETHERTYPE_IPV4,
+            packet,
+        )
+    }
+
     fn arp_request(target: Ipv4Addr) -> Vec<u8> {
         let req = ArpEthIpv4Packet {
             operation: ArpOperation::REQUEST,
@@ -587,12 +597,7 @@ mod tap {
     fn frames_to_the_agent_cross_the_mesh_and_arrive_framed_for_the_container() {
         let mut sim = pair();
         let packet = icmp_echo(C1.octets(), C2.octets(), b"hello container");
-        let sent = frame(
-            agent_mac(&sim, 0),
-            Mac::of_container(C1),
-            ETHERTYPE_IPV4,
-            &packet,
-        );
+        let sent = from_c1(&sim, &packet);
         assert!(from_device(&mut sim, 0, &sent).is_empty());
         sim.run();
         let delivered = &sim.hosts[1].delivered;
@@ -615,12 +620,7 @@ mod tap {
         assert_eq!(packet.len(), 28);
         let mut padded = packet.clone();
         padded.resize(46, 0);
-        let sent = frame(
-            agent_mac(&sim, 0),
-            Mac::of_container(C1),
-            ETHERTYPE_IPV4,
-            &padded,
-        );
+        let sent = from_c1(&sim, &padded);
         sim.send_frame_and_run(0, &sent);
         let f = Frame::parse(&sim.hosts[1].delivered[0])
             .unwrap()
@@ -633,12 +633,7 @@ mod tap {
     fn a_packet_for_a_local_address_nobody_holds_is_dropped() {
         let mut sim = pair();
         let packet = icmp_echo(C1.octets(), [10, 42, 2, 99], b"x");
-        let sent = frame(
-            agent_mac(&sim, 0),
-            Mac::of_container(C1),
-            ETHERTYPE_IPV4,
-            &packet,
-        );
+        let sent = from_c1(&sim, &packet);
         sim.send_frame_and_run(0, &sent);
         assert!(sim.hosts[1].delivered.is_empty());
         assert_eq!(sim.hosts[1].node.drops().get(DropReason::NoNeighbour), 1);
@@ -646,23 +641,13 @@ mod tap {
         sim.hosts[1]
             .node
             .set_neighbour(Ipv4Addr::new(10, 42, 2, 99), Mac([0x0a, 0, 0, 0, 0, 9]));
-        let sent = frame(
-            agent_mac(&sim, 0),
-            Mac::of_container(C1),
-            ETHERTYPE_IPV4,
-            &packet,
-        );
+        let sent = from_c1(&sim, &packet);
         sim.send_frame_and_run(0, &sent);
         assert_eq!(sim.hosts[1].delivered.len(), 1);
         sim.hosts[1]
             .node
             .remove_neighbour(Ipv4Addr::new(10, 42, 2, 99));
-        let sent = frame(
-            agent_mac(&sim, 0),
-            Mac::of_container(C1),
-            ETHERTYPE_IPV4,
-            &packet,
-        );
+        let sent = from_c1(&sim, &packet);
         sim.send_frame_and_run(0, &sent);
         assert_eq!(sim.hosts[1].delivered.len(), 1);
     }
@@ -671,12 +656,7 @@ mod tap {
     fn the_host_address_is_delivered_to_the_bridge() {
         let mut sim = pair();
         let packet = icmp_echo(C1.octets(), [10, 42, 2, 1], b"to the host");
-        let sent = frame(
-            agent_mac(&sim, 0),
-            Mac::of_container(C1),
-            ETHERTYPE_IPV4,
-            &packet,
-        );
+        let sent = from_c1(&sim, &packet);
         sim.send_frame_and_run(0, &sent);
         let f = Frame::parse(&sim.hosts[1].delivered[0]).unwrap();
         let bridge = Mac::of_bridge(&sim.hosts[1].node_public_key());
@@ -702,12 +682,7 @@ mod tap {
     fn ping_to_the_service_address_is_answered_by_the_agent() {
         let mut sim = pair();
         let ping = icmp_echo(C1.octets(), SERVICE_ADDRESS.octets(), b"health");
-        let sent = frame(
-            agent_mac(&sim, 0),
-            Mac::of_container(C1),
-            ETHERTYPE_IPV4,
-            &ping,
-        );
+        let sent = from_c1(&sim, &ping);
         let replies = from_device(&mut sim, 0, &sent);
         assert_eq!(replies.len(), 1);
         let f = Frame::parse(&replies[0]).unwrap();
@@ -721,12 +696,7 @@ mod tap {
     fn unreachable_errors_go_back_to_the_container_framed() {
         let mut sim = pair();
         let packet = icmp_echo(C1.octets(), [10, 42, 99, 1], b"x");
-        let sent = frame(
-            agent_mac(&sim, 0),
-            Mac::of_container(C1),
-            ETHERTYPE_IPV4,
-            &packet,
-        );
+        let sent = from_c1(&sim, &packet);
         let replies = from_device(&mut sim, 0, &sent);
         assert_eq!(replies.len(), 1);
         let f = Frame::parse(&replies[0]).unwrap();
@@ -748,12 +718,7 @@ mod tap {
             (Ipv4Addr::new(10, 42, 1, 77), "an unattached address"),
         ] {
             let packet = icmp_echo(claimed.octets(), C2.octets(), b"spoof");
-            let sent = frame(
-                agent_mac(&sim, 0),
-                Mac::of_container(C1),
-                ETHERTYPE_IPV4,
-                &packet,
-            );
+            let sent = from_c1(&sim, &packet);
             assert!(from_device(&mut sim, 0, &sent).is_empty(), "{why}");
             assert_eq!(
                 sim.hosts[0].out.network().len(),
