@@ -279,18 +279,22 @@ impl Shell {
                 (response, reply)
             }
         };
-        let _ = reply.send(response);
-        self.publish_records();
+        // The reply waits for the zone that includes the change, so a name
+        // resolves on this host as soon as `meshctl attach` returns.
+        let version = self.publish_records();
+        self.reply_once_published(version, reply, response);
     }
 
-    /// Tells the record sync what this host now publishes.
-    pub(super) fn publish_records(&self) {
+    /// Tells the record sync what this host now publishes; returns the
+    /// version the zone will carry once it includes this.
+    pub(super) fn publish_records(&mut self) -> u64 {
         let containers = self
             .containers
             .as_ref()
             .map(|c| c.list())
             .unwrap_or_default();
-        self.local_records.send_replace(crate::dns::HostRecords {
+        self.local_version += 1;
+        let records = crate::dns::HostRecords {
             host: self.config.name.clone(),
             address: self.node.address(),
             containers: containers
@@ -303,7 +307,10 @@ impl Shell {
                     ports: c.ports,
                 })
                 .collect(),
-        });
+        };
+        self.local_records
+            .send_replace((self.local_version, records));
+        self.local_version
     }
 }
 

@@ -21,6 +21,7 @@ pub mod underlay;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -117,30 +118,13 @@ pub async fn run(
     };
     netops::set_up_service_address((config.mode == Mode::Tap).then_some(config.bridge.as_str()))
         .await?;
-    let (local_records, local_rx) = watch::channel(crate::dns::HostRecords {
-        host: config.name.clone(),
-        address,
-        containers: Vec::new(),
-    });
-    let (zone_tx, zone) = watch::channel(Arc::new(crate::dns::Zone::default()));
+    let sync = start_records_sync(&config, address, &membership);
     let upstreams = config
         .dns
         .upstream
         .clone()
         .unwrap_or_else(dns_server::system_upstreams);
-    dns_server::serve(zone.clone(), upstreams, config.subnet).await?;
-    tokio::spawn(
-        records_sync::RecordsSync {
-            domain: config.dns.domain.clone(),
-            overlay: config.overlay,
-            address,
-            withdraw_after: config.dns.withdraw_after,
-            membership: membership.clone(),
-            local: local_rx,
-            zone: zone_tx,
-        }
-        .run(),
-    );
+    dns_server::serve(sync.zone.clone(), upstreams, config.subnet).await?;
     let mut control = ControlSocket::bind(&config.control_socket)?;
     let (control_tx, control_rx) = mpsc::channel(16);
     let uapi = uapi_server::serve(
@@ -173,9 +157,16 @@ pub async fn run(
         started: Instant::now(),
         containers,
         ops: ops_tx,
-        local_records,
-        zone,
+        local_records: sync.local,
+        local_version: 0,
+        zone_includes: sync.zone_includes,
+        awaiting_zone: Vec::new(),
+        zone: sync.zone,
+        sync_in: sync.inbound,
+        sync_out: sync.outbound,
+        sync_refused: sync.refused,
     };
+    let mut shell = shell;
     shell.publish_records();
     let result = shell
         .serve(control_rx, ops_rx, &mut membership, shutdown)
@@ -200,10 +191,85 @@ struct Shell {
     containers: Option<Containers>,
     /// Where background container operations report back.
     ops: mpsc::Sender<OpDone>,
-    /// What this host publishes to the cluster's DNS.
-    local_records: watch::Sender<crate::dns::HostRecords>,
+    /// What this host publishes to the cluster's DNS, with a version that
+    /// counts the changes.
+    local_records: watch::Sender<(u64, crate::dns::HostRecords)>,
+    local_version: u64,
+    /// The newest local version the published zone includes.
+    zone_includes: watch::Receiver<u64>,
+    /// Control replies that wait for the zone to include a change.
+    awaiting_zone: Vec<(u64, tokio::sync::oneshot::Sender<Response>, Response)>,
     /// The zone as the record sync last built it.
     zone: watch::Receiver<Arc<crate::dns::Zone>>,
+    /// Records-sync messages decrypted from peers, to the sync task.
+    sync_in: mpsc::Sender<records_sync::Inbound>,
+    /// Records-sync messages to seal for a peer, from the sync task.
+    sync_out: mpsc::Receiver<crate::dns::sync::Transmit>,
+    sync_refused: Arc<AtomicU64>,
+}
+
+/// The packet task's ends of the records sync.
+struct SyncEnds {
+    local: watch::Sender<(u64, crate::dns::HostRecords)>,
+    zone_includes: watch::Receiver<u64>,
+    zone: watch::Receiver<Arc<crate::dns::Zone>>,
+    inbound: mpsc::Sender<records_sync::Inbound>,
+    outbound: mpsc::Receiver<crate::dns::sync::Transmit>,
+    refused: Arc<AtomicU64>,
+}
+
+/// Starts the records-sync task. The zone starts from this host's own
+/// records, so the domain is answered from the first query on.
+fn start_records_sync(
+    config: &Config,
+    address: std::net::Ipv4Addr,
+    membership: &watch::Receiver<Membership>,
+) -> SyncEnds {
+    let records = crate::dns::HostRecords {
+        host: config.name.clone(),
+        address,
+        containers: Vec::new(),
+    };
+    let zone = crate::dns::Zone::build(&config.dns.domain, config.overlay, [&records]);
+    let (zone_tx, zone_rx) = watch::channel(Arc::new(zone));
+    let (local_tx, local_rx) = watch::channel((0, records.clone()));
+    let (includes_tx, includes_rx) = watch::channel(0);
+    let (in_tx, in_rx) = mpsc::channel(records_sync::INBOUND_QUEUE);
+    let (out_tx, out_rx) = mpsc::channel(records_sync::OUTBOUND_QUEUE);
+    let refused = Arc::new(AtomicU64::new(0));
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let sync = crate::dns::sync::RecordsSync::new(
+        &config.dns.domain,
+        config.dns.withdraw_after,
+        records,
+        epoch,
+        Instant::now(),
+    );
+    tokio::spawn(
+        records_sync::SyncTask {
+            sync,
+            domain: config.dns.domain.clone(),
+            overlay: config.overlay,
+            membership: membership.clone(),
+            local: local_rx,
+            inbound: in_rx,
+            outbound: out_tx,
+            zone: zone_tx,
+            zone_includes: includes_tx,
+            refused: refused.clone(),
+        }
+        .run(),
+    );
+    SyncEnds {
+        local: local_tx,
+        zone_includes: includes_rx,
+        zone: zone_rx,
+        inbound: in_tx,
+        outbound: out_rx,
+        refused,
+    }
 }
 
 impl Shell {
@@ -227,6 +293,15 @@ impl Shell {
                 _ = tick.tick() => self.node.handle_timers(Instant::now(), &mut out),
                 Some((req, reply)) = control.recv() => self.answer(req, reply),
                 Some(done) = ops.recv() => self.finish_op(done),
+                Ok(()) = self.zone_includes.changed() => self.release_replies(),
+                Some(transmit) = self.sync_out.recv() => {
+                    let now = Instant::now();
+                    self.node.send_sync(now, &transmit.to, &transmit.payload, &mut out);
+                    for _ in 1..BATCH {
+                        let Ok(t) = self.sync_out.try_recv() else { break };
+                        self.node.send_sync(now, &t.to, &t.payload, &mut out);
+                    }
+                }
                 changed = membership.changed(), if membership_open => match changed {
                     Ok(()) => self.node.apply_membership(&membership.borrow_and_update()),
                     Err(_) => membership_open = false,
@@ -262,6 +337,29 @@ impl Shell {
         Ok(())
     }
 
+    /// Sends `response` once the published zone includes local version
+    /// `version`.
+    fn reply_once_published(
+        &mut self,
+        version: u64,
+        reply: tokio::sync::oneshot::Sender<Response>,
+        response: Response,
+    ) {
+        self.awaiting_zone.push((version, reply, response));
+        self.release_replies();
+    }
+
+    fn release_replies(&mut self) {
+        let published = *self.zone_includes.borrow_and_update();
+        let (ready, waiting) = std::mem::take(&mut self.awaiting_zone)
+            .into_iter()
+            .partition(|(v, _, _)| *v <= published);
+        self.awaiting_zone = waiting;
+        for (_, reply, response) in ready {
+            let _ = reply.send(response);
+        }
+    }
+
     fn handle_device_input(&mut self, now: Instant, bytes: &[u8], out: &mut Outbox) {
         match self.config.mode {
             Mode::Tun => self.node.handle_device_packet(now, bytes, out),
@@ -271,6 +369,11 @@ impl Shell {
 
     /// Sends everything the core produced; a failed send is a counted drop.
     async fn flush(&mut self, out: &mut Outbox) {
+        for (from, message) in out.sync() {
+            if self.sync_in.try_send((from, message.to_vec())).is_err() {
+                self.node.count_sync_backlog();
+            }
+        }
         for (to, datagram) in out.network() {
             if let Err(e) = self.udp.send_to(datagram, to).await {
                 tracing::debug!(error = %e, %to, "send failed");
@@ -328,6 +431,11 @@ impl Shell {
                 .drops()
                 .nonzero()
                 .map(|(r, n)| (r.as_str().to_owned(), n))
+                .chain(
+                    Some(self.sync_refused.load(Ordering::Relaxed))
+                        .filter(|n| *n > 0)
+                        .map(|n| ("sync_refused".to_owned(), n)),
+                )
                 .collect(),
         }
     }

@@ -1,200 +1,158 @@
-//! Sharing DNS records between agents, through the encrypted mesh.
+//! The records-sync task: moves messages between the packet task and the
+//! pure `dns::sync::RecordsSync`, and rebuilds the zone off the packet task.
 //!
-//! Each agent sends its own records (`HostRecords`) from its overlay host
-//! address to every peer's host address on UDP `SYNC_PORT`: that traffic
-//! is routed into the overlay device and crosses the WireGuard tunnels like
-//! any other, so it is authenticated and encrypted with no channel of its
-//! own. A full snapshot goes out on every change; a heartbeat with the
-//! version every `HEARTBEAT`; a receiver that sees a newer version asks for
-//! the snapshot. Records of a host not heard from for `withdraw_after` are
-//! withdrawn. Must never: accept records from an address other than the
-//! sending peer's host address, or records outside that peer's subnet.
+//! Messages arrive only from the packet task, which hands over what it
+//! decrypted from a peer's session and addressed to this host's sync port
+//! from that peer's host address (`Node::handle_datagram`); what the sync
+//! sends goes back to the packet task to be sealed for one peer
+//! (`Node::send_sync`). No socket is bound: no local process or container
+//! can speak to this task. Zone rebuilds run on the blocking pool, at most
+//! one at a time and at most every `REBUILD_INTERVAL`, however fast peers
+//! change their records. Must never: decide anything about records (the
+//! pure module does), or block the packet task.
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Serialize};
-use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use crate::dns::sync::{RecordsSync, Transmit};
 use crate::dns::{HostRecords, Zone};
-use crate::membership::{Membership, host_address};
+use crate::keys::PublicKey;
+use crate::membership::Membership;
 
-/// The overlay port agents share records on.
-pub const SYNC_PORT: u16 = 7301;
-/// How often each agent tells every peer its records' version.
-const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Messages queued from the packet task, at most; past it they are
+/// dropped and counted (`sync_backlog`), the sender catches up later.
+pub const INBOUND_QUEUE: usize = 1024;
+/// Messages queued for sealing, at most (back-pressure on this task only).
+pub const OUTBOUND_QUEUE: usize = 1024;
+/// Zone rebuilds at most this often: a peer changing its records a
+/// thousand times a second costs ten rebuilds.
+const REBUILD_INTERVAL: Duration = Duration::from_millis(100);
+/// Messages handled per wake-up before the task looks at its other inputs.
+const BATCH: usize = 256;
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum SyncMessage {
-    Snapshot { version: u64, records: HostRecords },
-    Heartbeat { host: String, version: u64 },
-    Request,
-}
+/// A message the packet task decrypted from a peer's session.
+pub type Inbound = (PublicKey, Vec<u8>);
 
-struct Remote {
-    version: u64,
-    records: HostRecords,
-    last_heard: Instant,
-}
-
-pub struct RecordsSync {
+pub struct SyncTask {
+    pub sync: RecordsSync,
     pub domain: String,
     pub overlay: Ipv4Net,
-    pub address: Ipv4Addr,
-    pub withdraw_after: Duration,
     pub membership: watch::Receiver<Membership>,
-    pub local: watch::Receiver<HostRecords>,
+    /// This host's records, with the version of the change.
+    pub local: watch::Receiver<(u64, HostRecords)>,
+    pub inbound: mpsc::Receiver<Inbound>,
+    pub outbound: mpsc::Sender<Transmit>,
     pub zone: watch::Sender<Arc<Zone>>,
+    /// The newest local version the published zone includes.
+    pub zone_includes: watch::Sender<u64>,
+    /// Messages the sync refused (`sync_refused` in `meshctl status`).
+    pub refused: Arc<AtomicU64>,
 }
 
-impl RecordsSync {
+impl SyncTask {
     pub async fn run(mut self) {
-        let socket = match UdpSocket::bind((self.address, SYNC_PORT)).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot share DNS records: peers will not see this host's names");
-                return;
-            }
-        };
-        let mut remotes: HashMap<String, Remote> = HashMap::new();
-        let mut version: u64 = 1;
-        let mut heartbeat = tokio::time::interval(HEARTBEAT);
-        let mut buf = vec![0u8; 65536];
-        self.publish(&remotes);
-        self.broadcast(&socket, &self.snapshot(version)).await;
+        self.sync
+            .set_members(&self.membership.borrow_and_update(), std::time::Instant::now());
+        let mut rebuild: Option<(u64, JoinHandle<Zone>)> = None;
+        let mut local_version = 0;
+        let mut dirty = self.sync.take_changed();
+        let mut next_rebuild = Instant::now();
+        let mut conflicts = 0;
         loop {
+            let due = self.sync.poll_timeout().into();
+            let rebuild_due = (dirty && rebuild.is_none()).then_some(next_rebuild);
             tokio::select! {
+                received = self.inbound.recv() => {
+                    let Some(first) = received else { return };
+                    self.receive(first);
+                    for _ in 1..BATCH {
+                        let Ok(more) = self.inbound.try_recv() else { break };
+                        self.receive(more);
+                    }
+                }
                 changed = self.local.changed() => {
                     if changed.is_err() { return; }
-                    version += 1;
-                    self.publish(&remotes);
-                    self.broadcast(&socket, &self.snapshot(version)).await;
+                    let (version, records) = self.local.borrow_and_update().clone();
+                    local_version = version;
+                    self.sync.set_local(records);
+                    // Always rebuild: the control reply waits for it.
+                    dirty = true;
                 }
-                _ = heartbeat.tick() => {
-                    let host = self.local.borrow().host.clone();
-                    self.broadcast(&socket, &SyncMessage::Heartbeat { host, version }).await;
-                    let before = remotes.len();
-                    remotes.retain(|host, r| {
-                        let alive = r.last_heard.elapsed() < self.withdraw_after;
-                        if !alive {
-                            tracing::info!(%host, "no word from host: its DNS records are withdrawn");
+                changed = self.membership.changed() => {
+                    if changed.is_err() { return; }
+                    let membership = self.membership.borrow_and_update().clone();
+                    self.sync.set_members(&membership, std::time::Instant::now());
+                }
+                () = tokio::time::sleep_until(due) => {
+                    self.sync.handle_timeout(std::time::Instant::now());
+                }
+                () = sleep_until_some(rebuild_due) => {
+                    let hosts = self.sync.hosts();
+                    let (domain, overlay) = (self.domain.clone(), self.overlay);
+                    rebuild = Some((local_version, tokio::task::spawn_blocking(move || {
+                        Zone::build(&domain, overlay, hosts.iter().map(|h| &**h))
+                    })));
+                    dirty = false;
+                    next_rebuild = Instant::now() + REBUILD_INTERVAL;
+                }
+                (includes, built) = join_some(&mut rebuild) => {
+                    rebuild = None;
+                    let Ok(zone) = built else { continue };
+                    if zone.conflicts() != conflicts {
+                        conflicts = zone.conflicts();
+                        if conflicts > 0 {
+                            tracing::warn!(conflicts, "names claimed by two hosts: the first claim keeps them");
                         }
-                        alive
-                    });
-                    if remotes.len() != before {
-                        self.publish(&remotes);
                     }
+                    self.zone.send_replace(Arc::new(zone));
+                    self.zone_includes.send_replace(includes);
                 }
-                received = socket.recv_from(&mut buf) => {
-                    let Ok((n, from)) = received else { continue };
-                    if self.receive(&buf[..n], from, &mut remotes, &socket, version).await {
-                        self.publish(&remotes);
-                    }
-                }
+            }
+            dirty |= self.sync.take_changed();
+            if !self.flush().await {
+                return;
             }
         }
     }
 
-    fn snapshot(&self, version: u64) -> SyncMessage {
-        SyncMessage::Snapshot {
-            version,
-            records: self.local.borrow().clone(),
+    fn receive(&mut self, (from, bytes): Inbound) {
+        let now = std::time::Instant::now();
+        if let Err(reason) = self.sync.handle_message(now, from, &bytes) {
+            tracing::debug!(peer = %from, %reason, "records-sync message refused");
+            self.refused.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Handles one message; true when the zone must be rebuilt.
-    async fn receive(
-        &self,
-        bytes: &[u8],
-        from: SocketAddr,
-        remotes: &mut HashMap<String, Remote>,
-        socket: &UdpSocket,
-        version: u64,
-    ) -> bool {
-        let Some((name, subnet)) = self.sender(from) else {
-            return false;
-        };
-        let Ok(message) = serde_json::from_slice::<SyncMessage>(bytes) else {
-            return false;
-        };
-        match message {
-            SyncMessage::Snapshot {
-                version: v,
-                records,
-            } => {
-                if records.host != name || !records.within(subnet) {
-                    tracing::warn!(peer = %name, "refused DNS records that are not the peer's own");
-                    return false;
-                }
-                let changed = remotes.get(&name).is_none_or(|r| r.records != records);
-                remotes.insert(
-                    name,
-                    Remote {
-                        version: v,
-                        records,
-                        last_heard: Instant::now(),
-                    },
-                );
-                changed
-            }
-            SyncMessage::Heartbeat { version: v, .. } => {
-                match remotes.get_mut(&name) {
-                    Some(r) if r.version == v => r.last_heard = Instant::now(),
-                    _ => send(socket, &SyncMessage::Request, from).await,
-                }
-                false
-            }
-            SyncMessage::Request => {
-                send(socket, &self.snapshot(version), from).await;
-                false
+    /// Hands what the sync wants sent to the packet task; false once the
+    /// packet task is gone.
+    async fn flush(&mut self) -> bool {
+        while let Some(transmit) = self.sync.poll_transmit() {
+            if self.outbound.send(transmit).await.is_err() {
+                return false;
             }
         }
-    }
-
-    /// The peer whose host address sent this, with its subnet.
-    fn sender(&self, from: SocketAddr) -> Option<(String, Ipv4Net)> {
-        let membership = self.membership.borrow();
-        membership
-            .peers
-            .iter()
-            .find(|p| {
-                from.port() == SYNC_PORT
-                    && from.ip() == std::net::IpAddr::V4(host_address(p.subnet))
-            })
-            .map(|p| (p.name.clone(), p.subnet))
-    }
-
-    async fn broadcast(&self, socket: &UdpSocket, message: &SyncMessage) {
-        let targets: Vec<SocketAddr> = self
-            .membership
-            .borrow()
-            .peers
-            .iter()
-            .map(|p| SocketAddr::new(host_address(p.subnet).into(), SYNC_PORT))
-            .collect();
-        for to in targets {
-            send(socket, message, to).await;
-        }
-    }
-
-    fn publish(&self, remotes: &HashMap<String, Remote>) {
-        let mut hosts: Vec<HostRecords> = vec![self.local.borrow().clone()];
-        hosts.extend(remotes.values().map(|r| r.records.clone()));
-        self.zone
-            .send_replace(Arc::new(Zone::build(&self.domain, self.overlay, &hosts)));
+        true
     }
 }
 
-async fn send(socket: &UdpSocket, message: &SyncMessage, to: SocketAddr) {
-    let Ok(bytes) = serde_json::to_vec(message) else {
-        return;
-    };
-    if let Err(e) = socket.send_to(&bytes, to).await {
-        tracing::debug!(error = %e, %to, "record sync send failed");
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_some(
+    handle: &mut Option<(u64, JoinHandle<Zone>)>,
+) -> (u64, Result<Zone, tokio::task::JoinError>) {
+    match handle {
+        Some((includes, h)) => (*includes, h.await),
+        None => std::future::pending().await,
     }
 }

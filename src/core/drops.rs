@@ -36,10 +36,15 @@ pub enum DropReason {
     NoNeighbour,
     /// The device or socket refused a packet.
     IoError,
+    /// To or from the records-sync port, but not between two agents: a
+    /// local process, a container, or anything but the peer's own agent.
+    SyncPort,
+    /// A records-sync message arrived faster than the sync task takes them.
+    SyncBacklog,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::NotIpv4,
         DropReason::Malformed,
         DropReason::ForeignSource,
@@ -54,6 +59,8 @@ impl DropReason {
         DropReason::NotForUs,
         DropReason::NoNeighbour,
         DropReason::IoError,
+        DropReason::SyncPort,
+        DropReason::SyncBacklog,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +79,8 @@ impl DropReason {
             DropReason::NotForUs => "not_for_us",
             DropReason::NoNeighbour => "no_neighbour",
             DropReason::IoError => "io_error",
+            DropReason::SyncPort => "sync_port",
+            DropReason::SyncBacklog => "sync_backlog",
         }
     }
 }

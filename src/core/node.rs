@@ -23,11 +23,12 @@ use tracing::{info, trace, warn};
 use super::arp::{self, ArpResponder, ArpVerdict};
 use super::ethernet::{ETHERNET_HEADER, ETHERTYPE_ARP, ETHERTYPE_IPV4, Frame, Mac, write_header};
 use super::outbox::{Outbox, Placed};
-use super::packet::{self, ICMP_ERROR_MAX};
+use super::packet::{self, ICMP_ERROR_MAX, SyncPort};
 use super::peer::{Peer, PeerStatus};
 use super::route::RouteTable;
 use super::service::{self, SERVICE_ADDRESS};
 use super::{DropCounters, DropReason, PeerState};
+use crate::dns::sync::SYNC_PORT;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::membership::{self, Membership, PeerSpec};
 
@@ -95,6 +96,8 @@ pub struct Node {
     icmp_budget: u32,
     icmp_window: Instant,
     tap: Option<Tap>,
+    /// Where records-sync packets are built before sealing (reused).
+    sync_packet: Vec<u8>,
 }
 
 impl Node {
@@ -131,6 +134,7 @@ impl Node {
             drops: DropCounters::default(),
             icmp_budget: ICMP_ERRORS_PER_SECOND,
             icmp_window: now,
+            sync_packet: Vec::new(),
         }
     }
 
@@ -241,6 +245,12 @@ impl Node {
         let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
             return self.drop(DropReason::NoRoute);
         };
+        // Only the agent speaks for this host on the sync port (send_sync):
+        // no local process or container may pose as it.
+        let peer_host = membership::host_address(peer.spec().subnet);
+        if packet::targets_sync_port(packet, peer_host, SYNC_PORT) {
+            return self.drop(DropReason::SyncPort);
+        }
         if let Err(reason) = peer.send(now, packet, out) {
             peer.count_drop();
             self.drop(reason);
@@ -274,7 +284,16 @@ impl Node {
             return self.drop(DropReason::UnknownIndex);
         };
         match peer.receive(now, from, datagram, subnet, headroom, out) {
-            Ok(Some(placed)) => self.deliver(placed, out),
+            Ok(Some(placed)) => {
+                let key = peer.spec().public_key;
+                let peer_host = membership::host_address(peer.spec().subnet);
+                let own_host = membership::host_address(subnet);
+                match packet::sync_inbound(out.placed_bytes(placed), own_host, peer_host, SYNC_PORT) {
+                    SyncPort::Other => self.deliver(placed, out),
+                    SyncPort::Message(payload) => out.commit_sync(key, placed.slice(payload)),
+                    SyncPort::Misused => self.drop(DropReason::SyncPort),
+                }
+            }
             Ok(None) => {}
             Err(reason) => {
                 peer.count_drop();
@@ -324,6 +343,38 @@ impl Node {
     /// Counts a drop the shell saw (a failed send or write).
     pub fn count_io_drop(&mut self) {
         self.drop(DropReason::IoError);
+    }
+
+    /// Counts a records-sync message the shell could not hand on.
+    pub fn count_sync_backlog(&mut self) {
+        self.drop(DropReason::SyncBacklog);
+    }
+
+    /// Seals a records-sync message for the peer with key `to`, from this
+    /// host's address and sync port to the peer's: the only way anything
+    /// reaches a peer's sync port.
+    pub fn send_sync(&mut self, now: Instant, to: &PublicKey, payload: &[u8], out: &mut Outbox) {
+        let Some(&slot) = self.by_key.get(to) else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let source = membership::host_address(self.subnet);
+        let destination = membership::host_address(peer.spec().subnet);
+        let mut packet = std::mem::take(&mut self.sync_packet);
+        packet.clear();
+        let built = etherparse::PacketBuilder::ipv4(source.octets(), destination.octets(), 64)
+            .udp(SYNC_PORT, SYNC_PORT)
+            .write(&mut packet, payload);
+        let sent = match built {
+            Ok(()) => peer.send(now, &packet, out),
+            Err(_) => Err(DropReason::Malformed),
+        };
+        self.sync_packet = packet;
+        if let Err(reason) = sent {
+            self.drop(reason);
+        }
     }
 
     fn drop(&mut self, reason: DropReason) {

@@ -11,6 +11,8 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 
+use crate::keys::PublicKey;
+
 /// The largest packet the core ever places here: a 64 KiB IP packet plus
 /// WireGuard's 32 bytes.
 pub const MAX_PACKET: usize = 65535 + 32;
@@ -21,6 +23,8 @@ pub struct Outbox {
     used: usize,
     network: Vec<(SocketAddr, Range<usize>)>,
     device: Vec<Range<usize>>,
+    /// Records-sync messages decrypted from a peer, by the peer's key.
+    sync: Vec<(PublicKey, Range<usize>)>,
 }
 
 impl Default for Outbox {
@@ -36,6 +40,7 @@ impl Outbox {
             used: 0,
             network: Vec::with_capacity(64),
             device: Vec::with_capacity(64),
+            sync: Vec::new(),
         }
     }
 
@@ -80,6 +85,13 @@ impl Outbox {
         self.commit_device(framed);
     }
 
+    /// Keeps the bytes at `placed` as a records-sync message that `from`'s
+    /// session decrypted.
+    pub fn commit_sync(&mut self, from: PublicKey, placed: Placed) {
+        let range = self.take(placed);
+        self.sync.push((from, range));
+    }
+
     /// The bytes of a placed, not yet committed packet.
     pub fn placed_bytes(&self, placed: Placed) -> &[u8] {
         let start = self.used + placed.offset;
@@ -96,14 +108,21 @@ impl Outbox {
         self.device.iter().map(|r| &self.arena[r.clone()])
     }
 
+    pub fn sync(&self) -> impl ExactSizeIterator<Item = (PublicKey, &[u8])> {
+        self.sync
+            .iter()
+            .map(|(from, r)| (*from, &self.arena[r.clone()]))
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.network.is_empty() && self.device.is_empty()
+        self.network.is_empty() && self.device.is_empty() && self.sync.is_empty()
     }
 
     pub fn clear(&mut self) {
         self.used = 0;
         self.network.clear();
         self.device.clear();
+        self.sync.clear();
     }
 
     fn take(&mut self, placed: Placed) -> Range<usize> {
@@ -144,6 +163,17 @@ impl Placed {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The bytes `range` of this packet (say, a UDP payload within its IP
+    /// packet); `range` is clamped to the packet.
+    pub fn slice(self, range: Range<usize>) -> Self {
+        let end = range.end.min(self.len);
+        let start = range.start.min(end);
+        Self {
+            offset: self.offset + start,
+            len: end - start,
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! or originate an ICMP error about an ICMP error (RFC 1812 4.3.2.7).
 
 use std::net::Ipv4Addr;
+use std::ops::Range;
 
 use etherparse::icmpv4::DestUnreachableHeader;
 use etherparse::{IpNumber, Ipv4HeaderSlice, PacketBuilder};
@@ -29,6 +30,60 @@ pub fn ipv4_addresses(packet: &[u8]) -> Result<Ipv4Addresses, DropReason> {
         source: header.source_addr(),
         destination: header.destination_addr(),
     })
+}
+
+/// A decrypted packet as the records sync sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncPort {
+    /// Not for this host's sync port: deliver as usual.
+    Other,
+    /// A whole sync message from the peer's agent: its UDP payload.
+    Message(Range<usize>),
+    /// Aimed at this host's sync port from anywhere else, or as a fragment.
+    Misused,
+}
+
+const UDP: u8 = 17;
+const UDP_HEADER: usize = 8;
+
+/// Classifies a packet the peer whose host address is `peer_host` sent to
+/// this host (`own_host`). Only the peer's agent may use the sync port.
+pub fn sync_inbound(packet: &[u8], own_host: Ipv4Addr, peer_host: Ipv4Addr, port: u16) -> SyncPort {
+    let Some(udp) = udp_to(packet, own_host, port) else {
+        return SyncPort::Other;
+    };
+    let Ok(header) = Ipv4HeaderSlice::from_slice(packet) else {
+        return SyncPort::Other;
+    };
+    let whole = !header.more_fragments();
+    let source_port = packet.get(udp..udp + 2).map(|p| u16::from_be_bytes([p[0], p[1]]));
+    let udp_len = packet
+        .get(udp + 4..udp + 6)
+        .map_or(0, |l| usize::from(u16::from_be_bytes([l[0], l[1]])));
+    let end = (udp + udp_len).min(packet.len());
+    if whole && header.source_addr() == peer_host && source_port == Some(port) && udp_len >= UDP_HEADER {
+        return SyncPort::Message(udp + UDP_HEADER..end);
+    }
+    SyncPort::Misused
+}
+
+/// Whether a packet from this host's device is aimed at the sync port of
+/// the host `peer_host`: only the agent itself may speak there.
+pub fn targets_sync_port(packet: &[u8], peer_host: Ipv4Addr, port: u16) -> bool {
+    udp_to(packet, peer_host, port).is_some()
+}
+
+/// The offset of the UDP header of a first (or only) fragment sent to
+/// `host:port`.
+fn udp_to(packet: &[u8], host: Ipv4Addr, port: u16) -> Option<usize> {
+    if packet.get(9) != Some(&UDP) || packet.get(16..20)? != host.octets() {
+        return None;
+    }
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let first_fragment = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]) & 0x1fff == 0;
+    let destination_port = packet.get(ihl + 2..ihl + 4)?;
+    (first_fragment && ihl >= 20 && u16::from_be_bytes([destination_port[0], destination_port[1]]) == port)
+        .then_some(ihl)
 }
 
 /// ICMP types that are errors themselves, about which no error is sent.
@@ -141,5 +196,51 @@ mod tests {
         p[7] = 0x10; // fragment offset 16 (x8 bytes)
         assert!(host_unreachable(&p, &mut out).is_none());
         assert!(host_unreachable(&[0x45, 1, 2], &mut out).is_none());
+    }
+
+    fn sync_packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ipv4(src, dst, 64)
+            .udp(sport, dport)
+            .write(&mut v, b"{}")
+            .unwrap();
+        v
+    }
+
+    #[test]
+    fn only_the_peers_agent_reaches_the_sync_port() {
+        let own = Ipv4Addr::new(10, 42, 1, 1);
+        let peer = Ipv4Addr::new(10, 42, 2, 1);
+        let ok = sync_packet([10, 42, 2, 1], [10, 42, 1, 1], 7301, 7301);
+        assert_eq!(sync_inbound(&ok, own, peer, 7301), SyncPort::Message(28..30));
+        for misused in [
+            sync_packet([10, 42, 2, 9], [10, 42, 1, 1], 7301, 7301),
+            sync_packet([10, 42, 2, 1], [10, 42, 1, 1], 40000, 7301),
+        ] {
+            assert_eq!(sync_inbound(&misused, own, peer, 7301), SyncPort::Misused);
+        }
+        let mut first_fragment = ok.clone();
+        first_fragment[6] |= 0x20;
+        assert_eq!(sync_inbound(&first_fragment, own, peer, 7301), SyncPort::Misused);
+        for other in [
+            sync_packet([10, 42, 2, 1], [10, 42, 1, 1], 7301, 53),
+            sync_packet([10, 42, 2, 1], [10, 42, 1, 5], 7301, 7301),
+            udp_packet([10, 42, 2, 1], [10, 42, 1, 1]),
+        ] {
+            assert_eq!(sync_inbound(&other, own, peer, 7301), SyncPort::Other);
+        }
+        assert_eq!(sync_inbound(&ok[..22], own, peer, 7301), SyncPort::Other, "truncated");
+    }
+
+    #[test]
+    fn the_device_may_not_aim_at_a_peers_sync_port() {
+        let peer = Ipv4Addr::new(10, 42, 2, 1);
+        let forged = sync_packet([10, 42, 1, 1], [10, 42, 2, 1], 7301, 7301);
+        assert!(targets_sync_port(&forged, peer, 7301));
+        let container = sync_packet([10, 42, 1, 7], [10, 42, 2, 1], 5555, 7301);
+        assert!(targets_sync_port(&container, peer, 7301));
+        let elsewhere = sync_packet([10, 42, 1, 1], [10, 42, 2, 7], 7301, 7301);
+        assert!(!targets_sync_port(&elsewhere, peer, 7301));
+        assert!(!targets_sync_port(&[0x45, 0, 0], peer, 7301));
     }
 }

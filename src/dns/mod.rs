@@ -1,5 +1,6 @@
-//! Cluster DNS, pure parts: the records hosts share, the zone built from
-//! them, answering queries, and the forwarder's cache and rate limit.
+//! Cluster DNS, pure parts: the records hosts share and the rules of
+//! sharing them, the zone built from them, answering queries, and the
+//! forwarder's cache and rate limit.
 //!
 //! Must never: do IO. The agent's `dns_server` and `records_sync` tasks
 //! move the bytes.
@@ -7,5 +8,6 @@
 pub mod answer;
 pub mod cache;
 pub mod records;
+pub mod sync;
 
 pub use records::{ContainerRecord, HostRecords, RecordView, ServicePort, Zone};

@@ -4,8 +4,13 @@
 //! Each agent is authoritative for its own host name and the containers it
 //! attached (`HostRecords`); the zone is rebuilt whenever any host's records
 //! change. Names are kept lowercase with the trailing dot.
-//! Must never: let a host's records claim an address outside its subnet
-//! (the receiver checks, see `HostRecords::within`).
+//!
+//! Ownership: a host name or container name belongs to exactly one host, the
+//! first that claimed it (this host's own records come first); a service
+//! name is shared by the hosts running its members but can never be a name
+//! another host owns. Must never: let a host's records claim an address
+//! outside its subnet (see `ContainerRecord::validate`), or add an address
+//! to a name another host owns.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -19,8 +24,35 @@ use crate::membership::is_dns_label;
 
 /// The domain unless configured.
 pub const DEFAULT_DOMAIN: &str = "mesh.internal";
-/// The label under which host names live: `<host>.hosts.<domain>`.
-const HOSTS_LABEL: &str = "hosts";
+/// The label under which host names live: `<host>.hosts.<domain>`; no
+/// stack may take it.
+pub const HOSTS_LABEL: &str = "hosts";
+/// Containers one host may publish: a /20 of containers. Bounds what a
+/// peer's records can cost every other host (memory, zone rebuilds).
+pub const MAX_CONTAINERS_PER_HOST: usize = 4096;
+/// Named ports one container may publish (SRV records of its service).
+pub const MAX_PORTS_PER_CONTAINER: usize = 8;
+/// Longest DNS name in text form, without the trailing dot (RFC 1035).
+pub const MAX_NAME_LEN: usize = 253;
+
+/// Why a record cannot be published or accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("{what} {value:?} is not valid: use 1-63 letters, digits or '-'")]
+    NotALabel { what: &'static str, value: String },
+    #[error("stack name {HOSTS_LABEL:?} is reserved for host names")]
+    ReservedStack,
+    #[error("name {name:?} would be longer than {MAX_NAME_LEN} characters")]
+    NameTooLong { name: String },
+    #[error("{0} ports; a container publishes at most {MAX_PORTS_PER_CONTAINER}")]
+    TooManyPorts(usize),
+    #[error("ports need a service: they are published as SRV records of the service")]
+    PortsWithoutService,
+    #[error("address {address} is outside the host's subnet {subnet}")]
+    OutsideSubnet { address: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{0} containers; a host publishes at most {MAX_CONTAINERS_PER_HOST}")]
+    TooManyContainers(usize),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -91,12 +123,87 @@ pub struct HostRecords {
     pub containers: Vec<ContainerRecord>,
 }
 
+impl ContainerRecord {
+    /// Checks everything a host may publish about one container: names are
+    /// DNS labels and every name built from them fits, the stack is not
+    /// the hosts' label, ports are few and belong to a service, and the
+    /// address lies in the publishing host's `subnet`.
+    pub fn validate(&self, domain: &str, subnet: Ipv4Net) -> Result<(), RecordError> {
+        label("container name", &self.name)?;
+        label("stack", &self.stack)?;
+        if self.stack.eq_ignore_ascii_case(HOSTS_LABEL) {
+            return Err(RecordError::ReservedStack);
+        }
+        fits(&format!("{}.{}.{domain}", self.name, self.stack))?;
+        if let Some(service) = &self.service {
+            label("service", service)?;
+        }
+        if self.ports.len() > MAX_PORTS_PER_CONTAINER {
+            return Err(RecordError::TooManyPorts(self.ports.len()));
+        }
+        for port in &self.ports {
+            let Some(service) = &self.service else {
+                return Err(RecordError::PortsWithoutService);
+            };
+            label("port name", &port.name)?;
+            fits(&format!("_{}._udp.{service}.{}.{domain}", port.name, self.stack))?;
+        }
+        if !subnet.contains(&self.address) {
+            return Err(RecordError::OutsideSubnet {
+                address: self.address,
+                subnet,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl HostRecords {
-    /// Whether every address in these records lies in `subnet` (the
-    /// sender's, as this host knows it).
-    pub fn within(&self, subnet: Ipv4Net) -> bool {
-        subnet.contains(&self.address)
-            && self.containers.iter().all(|c| subnet.contains(&c.address))
+    /// Checks a whole host's records (see `ContainerRecord::validate`).
+    pub fn validate(&self, domain: &str, subnet: Ipv4Net) -> Result<(), RecordError> {
+        label("host name", &self.host)?;
+        fits(&format!("{}.{HOSTS_LABEL}.{domain}", self.host))?;
+        if !subnet.contains(&self.address) {
+            return Err(RecordError::OutsideSubnet {
+                address: self.address,
+                subnet,
+            });
+        }
+        if self.containers.len() > MAX_CONTAINERS_PER_HOST {
+            return Err(RecordError::TooManyContainers(self.containers.len()));
+        }
+        self.containers
+            .iter()
+            .try_for_each(|c| c.validate(domain, subnet))
+    }
+}
+
+fn label(what: &'static str, value: &str) -> Result<(), RecordError> {
+    if is_dns_label(value) {
+        return Ok(());
+    }
+    Err(RecordError::NotALabel {
+        what,
+        value: shortened(value),
+    })
+}
+
+fn fits(name: &str) -> Result<(), RecordError> {
+    if name.trim_end_matches('.').len() <= MAX_NAME_LEN {
+        return Ok(());
+    }
+    Err(RecordError::NameTooLong {
+        name: shortened(name),
+    })
+}
+
+/// A value as an error message may quote it: a hostile peer's 30 kB name
+/// must not become a 30 kB log line.
+fn shortened(value: &str) -> String {
+    const QUOTED: usize = 64;
+    match value.char_indices().nth(QUOTED) {
+        Some((end, _)) => format!("{}...", &value[..end]),
+        None => value.to_owned(),
     }
 }
 
@@ -123,10 +230,20 @@ pub struct Zone {
     /// with no record of the asked type is NODATA, not NXDOMAIN.
     names: BTreeSet<String>,
     views: Vec<RecordView>,
+    conflicts: usize,
 }
 
 impl Zone {
-    pub fn build(domain: &str, overlay: Ipv4Net, hosts: &[HostRecords]) -> Self {
+    /// Builds the zone from every host's records, in precedence order:
+    /// a name two hosts claim goes to the earlier one (pass this host's
+    /// own records first, then the others in the order they were first
+    /// accepted); the later claim is left out and counted in `conflicts`.
+    pub fn build<'a>(
+        domain: &str,
+        overlay: Ipv4Net,
+        hosts: impl IntoIterator<Item = &'a HostRecords>,
+    ) -> Self {
+        let hosts: Vec<&HostRecords> = hosts.into_iter().collect();
         let domain = fqdn(domain);
         let mut z = Zone {
             domain: domain.clone(),
@@ -134,17 +251,21 @@ impl Zone {
             ..Zone::default()
         };
         z.names.insert(domain.clone());
+        // Names that belong to one host: host names and container names.
+        let mut owners: HashMap<String, &str> = HashMap::new();
         let mut services: BTreeMap<String, Vec<&ContainerRecord>> = BTreeMap::new();
-        for h in hosts {
+        for h in &hosts {
             let host_name = format!("{}.{HOSTS_LABEL}.{domain}", h.host.to_lowercase());
-            z.add_a(&host_name, h.address, &h.host);
+            if z.claim(&mut owners, &host_name, &h.host) {
+                z.add_a(&host_name, h.address, &h.host);
+            }
             for c in &h.containers {
                 let stack = c.stack.to_lowercase();
-                z.add_a(
-                    &format!("{}.{stack}.{domain}", c.name.to_lowercase()),
-                    c.address,
-                    &h.host,
-                );
+                let name = format!("{}.{stack}.{domain}", c.name.to_lowercase());
+                if !z.claim(&mut owners, &name, &h.host) {
+                    continue;
+                }
+                z.add_a(&name, c.address, &h.host);
                 if let Some(service) = &c.service {
                     services
                         .entry(format!("{}.{stack}.{domain}", service.to_lowercase()))
@@ -154,37 +275,22 @@ impl Zone {
             }
         }
         for (name, members) in services {
-            for c in &members {
-                let target = format!(
-                    "{}.{}.{domain}",
-                    c.name.to_lowercase(),
-                    c.stack.to_lowercase()
-                );
-                z.add_a_only(&name, c.address);
-                for p in &c.ports {
-                    let proto = match p.protocol {
-                        Protocol::Tcp => "_tcp",
-                        Protocol::Udp => "_udp",
-                    };
-                    let srv_name = format!("_{}.{proto}.{name}", p.name.to_lowercase());
-                    z.insert_name(&srv_name);
-                    z.srv
-                        .entry(srv_name.clone())
-                        .or_default()
-                        .push((p.port, target.clone()));
-                    z.views.push(view(
-                        &srv_name,
-                        "SRV",
-                        format!("0 0 {} {target}", p.port),
-                        "",
-                    ));
-                }
+            if owners.contains_key(&name) {
+                // A service may not add addresses to a host's or
+                // container's name.
+                z.conflicts += members.len();
+                continue;
             }
-            let addrs = z.a.get(&name).cloned().unwrap_or_default();
-            z.views.push(view(&name, "A", join(&addrs), "(service)"));
+            z.add_service(&name, &members);
         }
         z.views.sort();
         z
+    }
+
+    /// Names claimed by two hosts (or a service named like a container)
+    /// and left out of the zone.
+    pub fn conflicts(&self) -> usize {
+        self.conflicts
     }
 
     pub fn domain(&self) -> &str {
@@ -234,6 +340,54 @@ impl Zone {
             d.parse().ok()?,
         );
         self.overlay.filter(|o| o.contains(&addr)).map(|_| addr)
+    }
+
+    /// Whether `host` may have `name`: nobody had it, or `host` already
+    /// does (a host's own containers may share a name).
+    fn claim<'a>(&mut self, owners: &mut HashMap<String, &'a str>, name: &str, host: &'a str) -> bool {
+        match owners.get(name) {
+            Some(owner) if *owner != host => {
+                self.conflicts += 1;
+                false
+            }
+            Some(_) => true,
+            None => {
+                owners.insert(name.to_owned(), host);
+                true
+            }
+        }
+    }
+
+    fn add_service(&mut self, name: &str, members: &[&ContainerRecord]) {
+        let domain = self.domain.clone();
+        for c in members {
+            let target = format!(
+                "{}.{}.{domain}",
+                c.name.to_lowercase(),
+                c.stack.to_lowercase()
+            );
+            self.add_a_only(name, c.address);
+            for p in &c.ports {
+                let proto = match p.protocol {
+                    Protocol::Tcp => "_tcp",
+                    Protocol::Udp => "_udp",
+                };
+                let srv_name = format!("_{}.{proto}.{name}", p.name.to_lowercase());
+                self.insert_name(&srv_name);
+                self.srv
+                    .entry(srv_name.clone())
+                    .or_default()
+                    .push((p.port, target.clone()));
+                self.views.push(view(
+                    &srv_name,
+                    "SRV",
+                    format!("0 0 {} {target}", p.port),
+                    "",
+                ));
+            }
+        }
+        let addrs = self.a.get(name).cloned().unwrap_or_default();
+        self.views.push(view(name, "A", join(&addrs), "(service)"));
     }
 
     fn add_a(&mut self, name: &str, addr: Ipv4Addr, host: &str) {
@@ -411,22 +565,151 @@ mod tests {
         }
     }
 
-    #[test]
-    fn records_outside_the_senders_subnet_are_detected() {
-        let h = HostRecords {
-            host: "h2".into(),
-            address: [10, 42, 2, 1].into(),
-            containers: vec![],
-        };
-        assert!(h.within("10.42.2.0/24".parse().unwrap()));
-        let mut liar = h.clone();
-        liar.containers.push(ContainerRecord {
-            name: "x".into(),
-            stack: "s".into(),
+    fn record(name: &str, stack: &str, addr: [u8; 4]) -> ContainerRecord {
+        ContainerRecord {
+            name: name.into(),
+            stack: stack.into(),
             service: None,
-            address: [10, 42, 1, 2].into(),
+            address: addr.into(),
             ports: vec![],
-        });
-        assert!(!liar.within("10.42.2.0/24".parse().unwrap()));
+        }
+    }
+
+    fn host(name: &str, third: u8, containers: Vec<ContainerRecord>) -> HostRecords {
+        HostRecords {
+            host: name.into(),
+            address: [10, 42, third, 1].into(),
+            containers,
+        }
+    }
+
+    #[test]
+    fn records_outside_the_senders_subnet_are_refused() {
+        let subnet: Ipv4Net = "10.42.2.0/24".parse().unwrap();
+        let mut h = host("h2", 2, vec![record("x", "s", [10, 42, 2, 2])]);
+        assert_eq!(h.validate("mesh.internal", subnet), Ok(()));
+        h.containers.push(record("y", "s", [10, 42, 1, 2]));
+        assert!(matches!(
+            h.validate("mesh.internal", subnet),
+            Err(RecordError::OutsideSubnet { .. })
+        ));
+        let mut h = host("h2", 2, vec![]);
+        h.address = [10, 42, 1, 1].into();
+        assert!(h.validate("mesh.internal", subnet).is_err(), "host address");
+    }
+
+    #[test]
+    fn names_must_be_labels_that_fit_and_hosts_is_reserved() {
+        let subnet: Ipv4Net = "10.42.2.0/24".parse().unwrap();
+        let check = |c: ContainerRecord| c.validate("mesh.internal", subnet);
+        assert_eq!(check(record("web", "shop", [10, 42, 2, 2])), Ok(()));
+        let dotted = "a.".repeat(15_000);
+        let err = check(record(&dotted, "shop", [10, 42, 2, 2])).unwrap_err();
+        assert!(matches!(err, RecordError::NotALabel { what: "container name", .. }));
+        assert!(err.to_string().len() < 200, "a huge name is not quoted whole");
+        assert!(check(record("web", "a.b", [10, 42, 2, 2])).is_err());
+        assert!(check(record("", "shop", [10, 42, 2, 2])).is_err());
+        assert_eq!(
+            check(record("h1", "HOSTS", [10, 42, 2, 2])),
+            Err(RecordError::ReservedStack)
+        );
+        let long = "x".repeat(63);
+        let fits = record(&long, &long, [10, 42, 2, 2]);
+        assert_eq!(check(fits.clone()), Ok(()));
+        let mut too_long = fits;
+        too_long.service = Some(long.clone());
+        too_long.ports = vec![ServicePort {
+            name: long.clone(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }];
+        assert!(matches!(
+            too_long.validate(&format!("{long}.internal"), subnet),
+            Err(RecordError::NameTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn ports_are_few_and_need_a_service() {
+        let subnet: Ipv4Net = "10.42.2.0/24".parse().unwrap();
+        let mut c = record("web", "shop", [10, 42, 2, 2]);
+        c.ports = vec!["http:80/tcp".parse().unwrap()];
+        assert_eq!(
+            c.validate("mesh.internal", subnet),
+            Err(RecordError::PortsWithoutService)
+        );
+        c.service = Some("web".into());
+        assert_eq!(c.validate("mesh.internal", subnet), Ok(()));
+        c.ports = (1..=9)
+            .map(|i| format!("p{i}:{i}/tcp").parse().unwrap())
+            .collect();
+        assert_eq!(
+            c.validate("mesh.internal", subnet),
+            Err(RecordError::TooManyPorts(9))
+        );
+    }
+
+    #[test]
+    fn too_many_containers_are_refused() {
+        let subnet: Ipv4Net = "10.42.0.0/16".parse().unwrap();
+        let containers = (0..=MAX_CONTAINERS_PER_HOST)
+            .map(|i| record(&format!("c{i}"), "s", [10, 42, 3, 3]))
+            .collect();
+        let h = HostRecords {
+            host: "big".into(),
+            address: [10, 42, 0, 1].into(),
+            containers,
+        };
+        assert_eq!(
+            h.validate("mesh.internal", subnet),
+            Err(RecordError::TooManyContainers(MAX_CONTAINERS_PER_HOST + 1))
+        );
+    }
+
+    #[test]
+    fn a_name_belongs_to_the_host_that_claimed_it_first() {
+        let overlay = "10.42.0.0/16".parse().unwrap();
+        let own = host("h1", 1, vec![record("db", "shop", [10, 42, 1, 2])]);
+        let thief = host(
+            "h2",
+            2,
+            vec![
+                record("db", "shop", [10, 42, 2, 2]),
+                record("ok", "shop", [10, 42, 2, 3]),
+            ],
+        );
+        let z = Zone::build("mesh.internal", overlay, [&own, &thief]);
+        assert_eq!(z.a("db.shop.mesh.internal."), [Ipv4Addr::new(10, 42, 1, 2)]);
+        assert_eq!(z.a("ok.shop.mesh.internal."), [Ipv4Addr::new(10, 42, 2, 3)]);
+        assert_eq!(z.conflicts(), 1);
+        // In the other order the other host keeps it: precedence, not name.
+        let z = Zone::build("mesh.internal", overlay, [&thief, &own]);
+        assert_eq!(z.a("db.shop.mesh.internal."), [Ipv4Addr::new(10, 42, 2, 2)]);
+    }
+
+    #[test]
+    fn a_service_cannot_add_addresses_to_a_container_name() {
+        let overlay = "10.42.0.0/16".parse().unwrap();
+        let own = host("h1", 1, vec![record("db", "shop", [10, 42, 1, 2])]);
+        let mut member = record("x", "shop", [10, 42, 2, 2]);
+        member.service = Some("db".into());
+        let other = host("h2", 2, vec![member]);
+        let z = Zone::build("mesh.internal", overlay, [&own, &other]);
+        assert_eq!(z.a("db.shop.mesh.internal."), [Ipv4Addr::new(10, 42, 1, 2)]);
+        assert_eq!(z.conflicts(), 1);
+    }
+
+    #[test]
+    fn one_hosts_containers_may_share_a_name_and_services_span_hosts() {
+        let overlay = "10.42.0.0/16".parse().unwrap();
+        let z = sample();
+        assert_eq!(z.conflicts(), 0);
+        let twins = host(
+            "h3",
+            3,
+            vec![record("t", "s", [10, 42, 3, 2]), record("t", "s", [10, 42, 3, 3])],
+        );
+        let z = Zone::build("mesh.internal", overlay, [&twins]);
+        assert_eq!(z.a("t.s.mesh.internal.").len(), 2);
     }
 }

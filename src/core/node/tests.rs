@@ -13,6 +13,8 @@ struct Host {
     out: Outbox,
     /// Packets the node wrote to its device.
     delivered: Vec<Vec<u8>>,
+    /// Records-sync messages handed over, with the key that sealed them.
+    synced: Vec<(PublicKey, Vec<u8>)>,
 }
 
 struct Sim {
@@ -79,6 +81,7 @@ impl Sim {
                     addr: d.addr.parse().unwrap(),
                     out: Outbox::default(),
                     delivered: Vec::new(),
+                    synced: Vec::new(),
                 }
             })
             .collect();
@@ -112,6 +115,8 @@ impl Sim {
             for (i, h) in self.hosts.iter_mut().enumerate() {
                 in_flight.extend(h.out.network().map(|(to, d)| (i, to, d.to_vec())));
                 h.delivered.extend(h.out.device().map(<[u8]>::to_vec));
+                h.synced
+                    .extend(h.out.sync().map(|(from, m)| (from, m.to_vec())));
                 h.out.clear();
             }
             if in_flight.is_empty() {
@@ -159,6 +164,56 @@ fn three_hosts() -> Vec<HostDef> {
         def("10.42.2.0/24", "192.0.2.2:51820"),
         def("10.42.3.0/24", "192.0.2.3:51820"),
     ]
+}
+
+fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+#[test]
+fn sync_messages_reach_only_the_sync_task_and_name_their_sealer() {
+    let defs = three_hosts();
+    let mut sim = Sim::mesh(&defs, None);
+    let h0 = defs[0].key.public_key();
+    let h1 = defs[1].key.public_key();
+    let h = &mut sim.hosts[0];
+    h.node.send_sync(sim.now, &h1, br#"{"kind":"request"}"#, &mut h.out);
+    sim.run();
+    assert_eq!(
+        sim.hosts[1].synced,
+        vec![(h0, br#"{"kind":"request"}"#.to_vec())]
+    );
+    assert!(sim.hosts[1].delivered.is_empty(), "never reaches the device");
+    assert!(sim.hosts[2].synced.is_empty());
+}
+
+#[test]
+fn no_device_packet_reaches_a_peers_sync_port() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    sim.tick();
+    sim.run();
+    // The host itself (any local process) posing as its agent, and a
+    // container aiming at the port.
+    for forged in [
+        udp([10, 42, 1, 1], [10, 42, 2, 1], 7301, 7301, b"{}"),
+        udp([10, 42, 1, 9], [10, 42, 2, 1], 4000, 7301, b"{}"),
+    ] {
+        sim.send_from_device(0, &forged);
+    }
+    sim.run();
+    assert!(sim.hosts[1].synced.is_empty());
+    assert!(sim.hosts[1].delivered.is_empty());
+    assert_eq!(sim.hosts[0].node.drops().get(DropReason::SyncPort), 2);
+    // Other ports of the peer's host address still work.
+    let fine = udp([10, 42, 1, 1], [10, 42, 2, 1], 7301, 7302, b"{}");
+    sim.send_from_device(0, &fine);
+    sim.run();
+    assert_eq!(sim.hosts[1].delivered, vec![fine]);
 }
 
 #[test]
