@@ -57,8 +57,10 @@ pub struct SyncTask {
 
 impl SyncTask {
     pub async fn run(mut self) {
-        self.sync
-            .set_members(&self.membership.borrow_and_update(), std::time::Instant::now());
+        self.sync.set_members(
+            &self.membership.borrow_and_update(),
+            std::time::Instant::now(),
+        );
         let mut rebuild: Option<(u64, JoinHandle<Zone>)> = None;
         let mut local_version = 0;
         let mut dirty = self.sync.take_changed();

@@ -288,7 +288,8 @@ impl Node {
                 let key = peer.spec().public_key;
                 let peer_host = membership::host_address(peer.spec().subnet);
                 let own_host = membership::host_address(subnet);
-                match packet::sync_inbound(out.placed_bytes(placed), own_host, peer_host, SYNC_PORT) {
+                match packet::sync_inbound(out.placed_bytes(placed), own_host, peer_host, SYNC_PORT)
+                {
                     SyncPort::Other => self.deliver(placed, out),
                     SyncPort::Message(payload) => out.commit_sync(key, placed.slice(payload)),
                     SyncPort::Misused => self.drop(DropReason::SyncPort),

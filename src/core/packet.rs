@@ -56,12 +56,18 @@ pub fn sync_inbound(packet: &[u8], own_host: Ipv4Addr, peer_host: Ipv4Addr, port
         return SyncPort::Other;
     };
     let whole = !header.more_fragments();
-    let source_port = packet.get(udp..udp + 2).map(|p| u16::from_be_bytes([p[0], p[1]]));
+    let source_port = packet
+        .get(udp..udp + 2)
+        .map(|p| u16::from_be_bytes([p[0], p[1]]));
     let udp_len = packet
         .get(udp + 4..udp + 6)
         .map_or(0, |l| usize::from(u16::from_be_bytes([l[0], l[1]])));
     let end = (udp + udp_len).min(packet.len());
-    if whole && header.source_addr() == peer_host && source_port == Some(port) && udp_len >= UDP_HEADER {
+    if whole
+        && header.source_addr() == peer_host
+        && source_port == Some(port)
+        && udp_len >= UDP_HEADER
+    {
         return SyncPort::Message(udp + UDP_HEADER..end);
     }
     SyncPort::Misused
@@ -82,7 +88,9 @@ fn udp_to(packet: &[u8], host: Ipv4Addr, port: u16) -> Option<usize> {
     let ihl = usize::from(packet.first()? & 0x0f) * 4;
     let first_fragment = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]) & 0x1fff == 0;
     let destination_port = packet.get(ihl + 2..ihl + 4)?;
-    (first_fragment && ihl >= 20 && u16::from_be_bytes([destination_port[0], destination_port[1]]) == port)
+    (first_fragment
+        && ihl >= 20
+        && u16::from_be_bytes([destination_port[0], destination_port[1]]) == port)
         .then_some(ihl)
 }
 
@@ -212,7 +220,10 @@ mod tests {
         let own = Ipv4Addr::new(10, 42, 1, 1);
         let peer = Ipv4Addr::new(10, 42, 2, 1);
         let ok = sync_packet([10, 42, 2, 1], [10, 42, 1, 1], 7301, 7301);
-        assert_eq!(sync_inbound(&ok, own, peer, 7301), SyncPort::Message(28..30));
+        assert_eq!(
+            sync_inbound(&ok, own, peer, 7301),
+            SyncPort::Message(28..30)
+        );
         for misused in [
             sync_packet([10, 42, 2, 9], [10, 42, 1, 1], 7301, 7301),
             sync_packet([10, 42, 2, 1], [10, 42, 1, 1], 40000, 7301),
@@ -221,7 +232,10 @@ mod tests {
         }
         let mut first_fragment = ok.clone();
         first_fragment[6] |= 0x20;
-        assert_eq!(sync_inbound(&first_fragment, own, peer, 7301), SyncPort::Misused);
+        assert_eq!(
+            sync_inbound(&first_fragment, own, peer, 7301),
+            SyncPort::Misused
+        );
         for other in [
             sync_packet([10, 42, 2, 1], [10, 42, 1, 1], 7301, 53),
             sync_packet([10, 42, 2, 1], [10, 42, 1, 5], 7301, 7301),
@@ -229,7 +243,11 @@ mod tests {
         ] {
             assert_eq!(sync_inbound(&other, own, peer, 7301), SyncPort::Other);
         }
-        assert_eq!(sync_inbound(&ok[..22], own, peer, 7301), SyncPort::Other, "truncated");
+        assert_eq!(
+            sync_inbound(&ok[..22], own, peer, 7301),
+            SyncPort::Other,
+            "truncated"
+        );
     }
 
     #[test]

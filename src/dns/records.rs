@@ -146,7 +146,10 @@ impl ContainerRecord {
                 return Err(RecordError::PortsWithoutService);
             };
             label("port name", &port.name)?;
-            fits(&format!("_{}._udp.{service}.{}.{domain}", port.name, self.stack))?;
+            fits(&format!(
+                "_{}._udp.{service}.{}.{domain}",
+                port.name, self.stack
+            ))?;
         }
         if !subnet.contains(&self.address) {
             return Err(RecordError::OutsideSubnet {
@@ -344,7 +347,12 @@ impl Zone {
 
     /// Whether `host` may have `name`: nobody had it, or `host` already
     /// does (a host's own containers may share a name).
-    fn claim<'a>(&mut self, owners: &mut HashMap<String, &'a str>, name: &str, host: &'a str) -> bool {
+    fn claim<'a>(
+        &mut self,
+        owners: &mut HashMap<String, &'a str>,
+        name: &str,
+        host: &'a str,
+    ) -> bool {
         match owners.get(name) {
             Some(owner) if *owner != host => {
                 self.conflicts += 1;
@@ -605,8 +613,17 @@ mod tests {
         assert_eq!(check(record("web", "shop", [10, 42, 2, 2])), Ok(()));
         let dotted = "a.".repeat(15_000);
         let err = check(record(&dotted, "shop", [10, 42, 2, 2])).unwrap_err();
-        assert!(matches!(err, RecordError::NotALabel { what: "container name", .. }));
-        assert!(err.to_string().len() < 200, "a huge name is not quoted whole");
+        assert!(matches!(
+            err,
+            RecordError::NotALabel {
+                what: "container name",
+                ..
+            }
+        ));
+        assert!(
+            err.to_string().len() < 200,
+            "a huge name is not quoted whole"
+        );
         assert!(check(record("web", "a.b", [10, 42, 2, 2])).is_err());
         assert!(check(record("", "shop", [10, 42, 2, 2])).is_err());
         assert_eq!(
@@ -707,7 +724,10 @@ mod tests {
         let twins = host(
             "h3",
             3,
-            vec![record("t", "s", [10, 42, 3, 2]), record("t", "s", [10, 42, 3, 3])],
+            vec![
+                record("t", "s", [10, 42, 3, 2]),
+                record("t", "s", [10, 42, 3, 3]),
+            ],
         );
         let z = Zone::build("mesh.internal", overlay, [&twins]);
         assert_eq!(z.a("t.s.mesh.internal.").len(), 2);

@@ -249,8 +249,7 @@ impl RecordsSync {
         if !remote.take_token(now) {
             return Err(SyncReject::RateLimited);
         }
-        let message: Message =
-            serde_json::from_slice(bytes).map_err(|_| SyncReject::Malformed)?;
+        let message: Message = serde_json::from_slice(bytes).map_err(|_| SyncReject::Malformed)?;
         match message {
             Message::Heartbeat { stamp } => {
                 self.heartbeat(now, from, stamp);
@@ -282,10 +281,9 @@ impl RecordsSync {
             }
         }
         for (key, remote) in &mut self.remotes {
-            let silent = remote
-                .held
-                .as_ref()
-                .is_some_and(|h| now.saturating_duration_since(h.last_heard) >= self.withdraw_after);
+            let silent = remote.held.as_ref().is_some_and(|h| {
+                now.saturating_duration_since(h.last_heard) >= self.withdraw_after
+            });
             if silent {
                 let name = self.members.get(key).map_or("?", |m| m.name.as_str());
                 tracing::info!(host = %name, "no word from host: its DNS records are withdrawn");
@@ -413,14 +411,21 @@ impl RecordsSync {
             PartOutcome::Complete => self.complete(now, from, member),
             PartOutcome::Stale => Err(SyncReject::Stale),
             PartOutcome::Inconsistent => Err(SyncReject::BadPart { index, total }),
-            PartOutcome::TooManyContainers => {
-                Err(self.refuse(from, stamp, "more than the containers a host may publish".into()))
-            }
+            PartOutcome::TooManyContainers => Err(self.refuse(
+                from,
+                stamp,
+                "more than the containers a host may publish".into(),
+            )),
         }
     }
 
     /// All parts of the pending snapshot are in: validate and hold it.
-    fn complete(&mut self, now: Instant, from: PublicKey, member: &Member) -> Result<(), SyncReject> {
+    fn complete(
+        &mut self,
+        now: Instant,
+        from: PublicKey,
+        member: &Member,
+    ) -> Result<(), SyncReject> {
         let Some(remote) = self.remotes.get_mut(&from) else {
             return Ok(());
         };
@@ -525,7 +530,8 @@ impl Remote {
     }
 
     fn take_token(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.refilled).as_secs_f64() * MESSAGES_PER_SECOND;
+        let refill =
+            now.saturating_duration_since(self.refilled).as_secs_f64() * MESSAGES_PER_SECOND;
         self.tokens = (self.tokens + refill).min(MESSAGES_PER_SECOND);
         self.refilled = now;
         if self.tokens < 1.0 {

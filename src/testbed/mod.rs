@@ -422,6 +422,47 @@ impl Testbed {
         Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
     }
 
+    /// The DNS records host `i` serves, through the control socket.
+    pub fn records(&self, i: usize) -> Result<Vec<crate::dns::RecordView>> {
+        match control::request(&self.hosts[i].socket, &Request::Dns)? {
+            Response::Records(r) => Ok(r),
+            other => bail!("unexpected response {other:?}"),
+        }
+    }
+
+    /// The peak resident memory of host `i`'s agent, in KiB (VmHWM).
+    pub fn agent_peak_rss_kib(&self, i: usize) -> Result<u64> {
+        let pid = self.agent_pid(i).context("agent not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM in /proc/PID/status")
+    }
+
+    /// Rewrites host `i`'s config without its `[[peer]]` named `peer`.
+    pub fn remove_peer_from_config(&self, i: usize, peer: &str) -> Result<()> {
+        let path = &self.hosts[i].config;
+        let old = std::fs::read_to_string(path)?;
+        let mut sections: Vec<String> = old.split("\n[[peer]]\n").map(str::to_owned).collect();
+        let before = sections.len();
+        sections.retain(|s| !s.starts_with(&format!("name = \"{peer}\"\n")));
+        ensure!(
+            sections.len() + 1 == before,
+            "no [[peer]] {peer} in {}",
+            path.display()
+        );
+        std::fs::write(path, sections.join("\n[[peer]]\n"))?;
+        Ok(())
+    }
+
+    /// Sends SIGHUP to host `i`'s agent (reload its config).
+    pub fn reload(&self, i: usize) -> Result<()> {
+        let pid = self.agent_pid(i).context("agent not running")?;
+        signal(pid, "HUP")
+    }
+
     /// Host `i`'s containers, through `meshctl containers --json`.
     pub fn containers(&self, i: usize) -> Result<Vec<crate::core::ipam::Container>> {
         let out = self.meshctl(i, &["containers", "--json"])?;
@@ -724,6 +765,28 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Runs `f` inside network namespace `ns`, on a thread of its own (a
+/// namespace switch holds for the calling thread only), and returns what
+/// it returned. Sockets `f` opens live in `ns`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    use std::os::fd::AsFd;
+    let path = Path::new("/run/netns").join(ns);
+    let handle = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::spawn(move || {
+        rustix::thread::move_into_link_name_space(
+            handle.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .context("setns")?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread in {ns} panicked"))?
 }
 
 pub fn exec_in(ns: &str, args: &[&str]) -> Result<Output> {

@@ -182,13 +182,17 @@ fn sync_messages_reach_only_the_sync_task_and_name_their_sealer() {
     let h0 = defs[0].key.public_key();
     let h1 = defs[1].key.public_key();
     let h = &mut sim.hosts[0];
-    h.node.send_sync(sim.now, &h1, br#"{"kind":"request"}"#, &mut h.out);
+    h.node
+        .send_sync(sim.now, &h1, br#"{"kind":"request"}"#, &mut h.out);
     sim.run();
     assert_eq!(
         sim.hosts[1].synced,
         vec![(h0, br#"{"kind":"request"}"#.to_vec())]
     );
-    assert!(sim.hosts[1].delivered.is_empty(), "never reaches the device");
+    assert!(
+        sim.hosts[1].delivered.is_empty(),
+        "never reaches the device"
+    );
     assert!(sim.hosts[2].synced.is_empty());
 }
 

@@ -69,7 +69,11 @@ fn remote_names(s: &RecordsSync) -> Vec<String> {
     s.hosts()
         .iter()
         .skip(1)
-        .flat_map(|h| h.containers.iter().map(|c| format!("{}@{}", c.name, h.host)))
+        .flat_map(|h| {
+            h.containers
+                .iter()
+                .map(|c| format!("{}@{}", c.name, h.host))
+        })
         .collect()
 }
 
@@ -148,7 +152,10 @@ fn messages_from_anyone_but_a_current_peer_are_refused() {
     let t0 = Instant::now();
     let mut a = agent(1, &[2], 0, t0);
     let p = part(stamp(1), 0, 1, vec![container(3, 0)]);
-    assert_eq!(a.handle_message(t0, key(3), &p), Err(SyncReject::UnknownPeer));
+    assert_eq!(
+        a.handle_message(t0, key(3), &p),
+        Err(SyncReject::UnknownPeer)
+    );
     assert_eq!(
         a.handle_message(t0, key(2), &vec![b' '; MAX_MESSAGE + 1]),
         Err(SyncReject::Oversized)
@@ -260,11 +267,19 @@ fn a_peer_removed_from_membership_loses_its_records_at_once() {
     a.handle_message(t0, key(3), &part(stamp(1), 0, 1, vec![container(3, 0)]))
         .unwrap();
     a.take_changed();
-    a.set_members(&Membership { peers: vec![spec(3)] }, t0);
+    a.set_members(
+        &Membership {
+            peers: vec![spec(3)],
+        },
+        t0,
+    );
     assert!(a.take_changed());
     assert_eq!(remote_names(&a), ["c0@h3"]);
     let p = part(stamp(2), 0, 1, vec![container(2, 1)]);
-    assert_eq!(a.handle_message(t0, key(2), &p), Err(SyncReject::UnknownPeer));
+    assert_eq!(
+        a.handle_message(t0, key(2), &p),
+        Err(SyncReject::UnknownPeer)
+    );
     // A peer whose subnet changes starts over as well.
     let mut moved = spec(3);
     moved.subnet = "10.42.33.0/24".parse().unwrap();
@@ -281,7 +296,10 @@ fn a_flooding_peer_costs_a_bounded_number_of_parses() {
         .filter(|_| a.handle_message(t0, key(2), &p) != Err(SyncReject::RateLimited))
         .count();
     assert_eq!(taken, MESSAGES_PER_SECOND as usize);
-    assert_eq!(a.handle_message(t0, key(3), &p), Err(SyncReject::UnknownPeer));
+    assert_eq!(
+        a.handle_message(t0, key(3), &p),
+        Err(SyncReject::UnknownPeer)
+    );
     let later = t0 + Duration::from_millis(10);
     assert_eq!(a.handle_message(later, key(2), &p), Ok(()), "tokens refill");
 }
