@@ -2,10 +2,14 @@
 //! generation, and loading a private key file safely.
 //!
 //! Must never: print, log or `Debug`-format private key bytes, or accept a
-//! private key file that group or others can read.
+//! private key file that group or others can read, that another user owns,
+//! or that is a symbolic link (its target could change between check and
+//! read). A key file is opened once; every check is on the open file.
 
 use std::fmt;
-use std::os::unix::fs::PermissionsExt;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -30,7 +34,27 @@ pub enum KeyError {
     TooOpen { path: PathBuf, mode: u32 },
     #[error("key file {path} does not hold a key: expected one base64 line as `wg genkey` writes")]
     BadFile { path: PathBuf },
+    #[error(
+        "key file {path} is a symbolic link; name the file itself (in a Kubernetes \
+         secret volume: <volume>/..data/<key>)"
+    )]
+    Symlink { path: PathBuf },
+    #[error("key file {path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error(
+        "key file {path} belongs to user {owner}, not to root or the user meshd runs as \
+         ({running}); fix it with: chown {running} {path}"
+    )]
+    WrongOwner {
+        path: PathBuf,
+        owner: u32,
+        running: u32,
+    },
 }
+
+/// Longest key file read: a key is 44 characters; comments are not allowed,
+/// so anything much longer is not a key file.
+const MAX_KEY_FILE: u64 = 1024;
 
 /// A peer's public key. Cheap to copy, safe to print.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -167,22 +191,62 @@ impl fmt::Debug for PresharedKey {
 }
 
 fn load_secret(path: &Path) -> Result<[u8; KEY_LEN], KeyError> {
-    let unreadable = |e: std::io::Error| KeyError::Unreadable {
+    let file = open_secret(path)?;
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE)
+        .read_to_string(&mut text)
+        .map_err(|e| KeyError::Unreadable {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    decode_key(&text).map_err(|_| KeyError::BadFile {
+        path: path.to_owned(),
+    })
+}
+
+/// Opens a secret file without following a final symbolic link, and checks
+/// the open file: a regular file, owned by root or the running user, that
+/// group and others cannot read.
+fn open_secret(path: &Path) -> Result<File, KeyError> {
+    let nofollow = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nofollow.bits() as i32)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => KeyError::Symlink {
+                path: path.to_owned(),
+            },
+            _ => KeyError::Unreadable {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            },
+        })?;
+    let meta = file.metadata().map_err(|e| KeyError::Unreadable {
         path: path.to_owned(),
         reason: e.to_string(),
-    };
-    let meta = std::fs::metadata(path).map_err(unreadable)?;
-    let mode = meta.permissions().mode() & 0o7777;
+    })?;
+    if !meta.is_file() {
+        return Err(KeyError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let running = rustix::process::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != running {
+        return Err(KeyError::WrongOwner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            running,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(KeyError::TooOpen {
             path: path.to_owned(),
             mode,
         });
     }
-    let text = std::fs::read_to_string(path).map_err(unreadable)?;
-    decode_key(&text).map_err(|_| KeyError::BadFile {
-        path: path.to_owned(),
-    })
+    Ok(file)
 }
 
 fn clamp(bytes: &mut [u8; KEY_LEN]) {
@@ -203,6 +267,8 @@ fn decode_key(text: &str) -> Result<[u8; KEY_LEN], KeyError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn b64(hex: &str) -> String {
@@ -265,6 +331,33 @@ mod tests {
         let shown = format!("{key:?}");
         assert!(!shown.contains(&key.to_base64()));
         assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn key_files_are_opened_once_without_following_links_and_owned_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.key");
+        std::fs::write(&real, PrivateKey::generate().unwrap().to_base64()).unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(PrivateKey::load(&real).is_ok());
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = PrivateKey::load(&link).unwrap_err();
+        assert!(matches!(err, KeyError::Symlink { .. }), "{err}");
+        // A link in the middle of the path is fine (Kubernetes' ..data).
+        let data = dir.path().join("..data");
+        std::os::unix::fs::symlink(dir.path(), &data).unwrap();
+        assert!(PrivateKey::load(&data.join("real.key")).is_ok());
+        let err = PrivateKey::load(dir.path()).unwrap_err();
+        assert!(matches!(err, KeyError::NotAFile { .. }), "{err}");
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&real, Some(4242), None).unwrap();
+            let err = PrivateKey::load(&real).unwrap_err();
+            assert!(
+                matches!(err, KeyError::WrongOwner { owner: 4242, .. }),
+                "{err}"
+            );
+        }
     }
 
     #[test]

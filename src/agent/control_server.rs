@@ -65,7 +65,12 @@ impl PrivateSocket {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(fail)?;
         }
-        let listener = UnixListener::bind(path).map_err(fail)?;
+        // The socket is born 0600: a umask for the bind, not a chmod after
+        // it, so there is no moment when others could connect.
+        let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = UnixListener::bind(path);
+        rustix::process::umask(previous);
+        let listener = bound.map_err(fail)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
         Ok(Self {
             path: path.to_owned(),
@@ -142,4 +147,25 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) -> s
     let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
     out.push(b'\n');
     write.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_is_private_and_the_umask_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("meshd.sock");
+        let before = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+        let socket = PrivateSocket::bind(&path).unwrap();
+        let after = rustix::process::umask(before);
+        assert_eq!(after.as_raw_mode(), 0o022, "umask restored");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(socket);
+        assert!(!path.exists(), "removed on drop");
+    }
 }
