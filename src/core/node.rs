@@ -301,6 +301,9 @@ impl Node {
                 self.drop(reason);
             }
         }
+        if let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) {
+            peer.send_queued(out);
+        }
     }
 
     /// Drives every peer's timers; call every 100-250 ms.

@@ -78,6 +78,8 @@ pub(crate) struct Peer {
     tx_packets: u64,
     dropped: u64,
     failure: Option<Failure>,
+    /// boringtun holds packets queued behind a handshake.
+    queued: bool,
     span: tracing::Span,
 }
 
@@ -107,6 +109,7 @@ impl Peer {
             tx_packets: 0,
             dropped: 0,
             failure: None,
+            queued: false,
             span,
         }
     }
@@ -147,6 +150,7 @@ impl Peer {
                 if is_initiation {
                     // The packet waits in boringtun's queue for the session.
                     self.liveness.on_initiation_sent(now);
+                    self.queued = true;
                 } else {
                     self.tx_packets += 1;
                 }
@@ -154,7 +158,10 @@ impl Peer {
                 Ok(())
             }
             // Queued behind a handshake already under way.
-            TunnResult::Done => Ok(()),
+            TunnResult::Done => {
+                self.queued = true;
+                Ok(())
+            }
             TunnResult::Err(_)
             | TunnResult::WriteToTunnelV4(..)
             | TunnResult::WriteToTunnelV6(..) => Err(DropReason::Rejected),
@@ -188,6 +195,15 @@ impl Peer {
                 // not proven its address yet: nothing is authenticated.
                 if !is_cookie {
                     self.authenticated(now, from, kind);
+                }
+                // Only an initiator holds a usable session at once (its
+                // answer is a keepalive on it). Having just answered an
+                // initiation, there is none yet: draining would start a new
+                // initiation of our own and drop the one the peer is
+                // answering, and two peers initiating together would do so
+                // to each other forever. A responder drains once the
+                // initiator's first message confirms the session.
+                if kind == MSG_RESPONSE {
                     self.drain_queue(out);
                 }
                 Ok(None)
@@ -220,7 +236,12 @@ impl Peer {
             }
             TunnResult::Err(e) => {
                 trace!(parent: &self.span, error = ?e, "rejected datagram");
-                if kind == MSG_RESPONSE && self.failure.is_none() {
+                // A response to an initiation since replaced (crossing
+                // handshakes, a late retransmission) is "unexpected"; only
+                // one that matches our initiation and still fails to
+                // authenticate says the keys disagree.
+                let stale = matches!(e, WireGuardError::UnexpectedPacket);
+                if kind == MSG_RESPONSE && !stale && self.failure.is_none() {
                     warn!(parent: &self.span, "handshake response did not authenticate: do the preshared keys differ?");
                     self.failure = Some(Failure::ResponseRejected);
                 }
@@ -344,9 +365,19 @@ impl Peer {
         self.report_state_change(now);
     }
 
+    /// Sends what waited behind a handshake, once a data message or
+    /// keepalive has confirmed the session (call after the packet that
+    /// `receive` returned is committed or dropped: this reuses the room).
+    pub(crate) fn send_queued(&mut self, out: &mut Outbox) {
+        if self.queued && self.has_session() {
+            self.drain_queue(out);
+        }
+    }
+
     /// Sends what boringtun queued while the handshake was under way.
     fn drain_queue(&mut self, out: &mut Outbox) {
         let Some(to) = self.endpoint else { return };
+        self.queued = false;
         for _ in 0..MAX_DRAIN {
             let room = out.spare(MAX_PACKET);
             let start = room.as_ptr();

@@ -809,3 +809,26 @@ impl Host {
         PublicKey::from(*self.node.public.as_bytes())
     }
 }
+
+#[test]
+fn simultaneous_initiations_with_queued_packets_converge() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    // Both ends have a packet waiting and start a handshake in the same
+    // instant: each gets the other's initiation while its own is out.
+    let a = icmp_echo([10, 42, 1, 1], [10, 42, 2, 1], b"from-a");
+    let b = icmp_echo([10, 42, 2, 1], [10, 42, 1, 1], b"from-b");
+    sim.send_from_device(0, &a);
+    sim.send_from_device(1, &b);
+    sim.run();
+    assert_eq!(sim.hosts[1].delivered, vec![a]);
+    assert_eq!(sim.hosts[0].delivered, vec![b]);
+    assert_eq!(sim.status(0, "h1").state, PeerState::Up);
+    assert_eq!(sim.status(1, "h0").state, PeerState::Up);
+    let handshakes = sim
+        .wire
+        .iter()
+        .filter(|d| matches!(d.first(), Some(1 | 2)))
+        .count();
+    assert!(handshakes <= 4, "{handshakes} handshake messages: a ping-pong");
+    assert_eq!(sim.hosts[0].node.drops().get(DropReason::Rejected), 0);
+}
