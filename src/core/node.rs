@@ -86,7 +86,12 @@ pub struct Node {
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
     subnet: Ipv4Net,
+    /// Screens every handshake message once, with the sender's real
+    /// address, before any Diffie-Hellman: mac1, then cookies under load.
     rate_limiter: Arc<RateLimiter>,
+    /// What the peers' sessions check again inside boringtun: mac1 only.
+    /// Its limit is never reached, so a message is counted once, above.
+    screened: Arc<RateLimiter>,
     /// Slot = session index; freed slots are reused.
     peers: Vec<Option<Peer>>,
     free_slots: Vec<usize>,
@@ -127,6 +132,7 @@ impl Node {
                 &public_key.to_x25519(),
                 HANDSHAKE_RATE_LIMIT,
             )),
+            screened: Arc::new(RateLimiter::new(&public_key.to_x25519(), u64::MAX)),
             peers: Vec::new(),
             free_slots: Vec::new(),
             by_key: HashMap::new(),
@@ -273,7 +279,11 @@ impl Node {
                     Err(reason) => return self.drop(reason),
                 }
             }
-            Ok(Packet::HandshakeResponse(m)) => slot_of_index(m.receiver_idx),
+            Ok(Packet::HandshakeResponse(m)) => match self.screen_handshake(from, datagram, out) {
+                Ok(true) => slot_of_index(m.receiver_idx),
+                Ok(false) => return,
+                Err(reason) => return self.drop(reason),
+            },
             Ok(Packet::PacketCookieReply(m)) => slot_of_index(m.receiver_idx),
             Ok(Packet::PacketData(m)) => slot_of_index(m.receiver_idx),
             Err(_) => return self.drop(DropReason::InvalidDatagram),
@@ -386,9 +396,34 @@ impl Node {
         self.drops.count(reason);
     }
 
-    /// Finds which peer sent a handshake initiation. Runs the MAC check and
-    /// load-based cookie logic first, so the expensive Diffie-Hellman of
-    /// identifying the sender is only done for well-formed messages.
+    /// Checks a handshake message's mac1 and, under load, its cookie (mac2),
+    /// answering with a cookie reply when it has none. True when the
+    /// message may go on to the expensive work.
+    fn screen_handshake(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut Outbox,
+    ) -> Result<bool, DropReason> {
+        let room = out.spare(ICMP_ERROR_MAX);
+        let start = room.as_ptr();
+        match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, room)
+        {
+            Ok(_) => Ok(true),
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let placed = Placed::within(start, cookie);
+                out.commit_network(from, placed);
+                Ok(false)
+            }
+            Err(_) => Err(DropReason::Rejected),
+        }
+    }
+
+    /// Finds which peer sent a handshake initiation. Screens it first, so
+    /// the expensive Diffie-Hellman of identifying the sender is only done
+    /// for well-formed messages within the load limit.
     fn initiator_of(
         &mut self,
         from: SocketAddr,
@@ -396,19 +431,8 @@ impl Node {
         init: &boringtun::noise::HandshakeInit<'_>,
         out: &mut Outbox,
     ) -> Result<Option<usize>, DropReason> {
-        let room = out.spare(ICMP_ERROR_MAX);
-        let start = room.as_ptr();
-        match self
-            .rate_limiter
-            .verify_packet(Some(from.ip()), datagram, room)
-        {
-            Ok(_) => {}
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                let placed = Placed::within(start, cookie);
-                out.commit_network(from, placed);
-                return Ok(None);
-            }
-            Err(_) => return Err(DropReason::Rejected),
+        if !self.screen_handshake(from, datagram, out)? {
+            return Ok(None);
         }
         let half = parse_handshake_anon(&self.secret, &self.public, init)
             .map_err(|_| DropReason::Rejected)?;
@@ -526,7 +550,7 @@ impl Node {
             spec.clone(),
             self.secret.clone(),
             index,
-            self.rate_limiter.clone(),
+            self.screened.clone(),
         ));
         self.by_key.insert(spec.public_key, slot);
         info!(peer = %spec.name, subnet = %spec.subnet, endpoint = ?spec.endpoint, "peer added");

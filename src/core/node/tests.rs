@@ -829,6 +829,49 @@ fn simultaneous_initiations_with_queued_packets_converge() {
         .iter()
         .filter(|d| matches!(d.first(), Some(1 | 2)))
         .count();
-    assert!(handshakes <= 4, "{handshakes} handshake messages: a ping-pong");
+    assert!(
+        handshakes <= 4,
+        "{handshakes} handshake messages: a ping-pong"
+    );
     assert_eq!(sim.hosts[0].node.drops().get(DropReason::Rejected), 0);
+}
+
+#[test]
+fn each_initiation_counts_once_against_the_handshake_limit() {
+    let defs = three_hosts();
+    let mut sim = Sim::mesh(&defs, None);
+    // A genuine peer (h1's key) initiating again and again within one
+    // second: the first HANDSHAKE_RATE_LIMIT are all answered, none with
+    // a cookie (each used to count twice: once to identify the sender,
+    // once more inside boringtun).
+    let mut h1 = Tunn::new(
+        defs[1].key.to_x25519(),
+        defs[0].key.public_key().to_x25519(),
+        None,
+        None,
+        7,
+        None,
+    );
+    let from: SocketAddr = defs[1].addr.parse().unwrap();
+    let mut cookies = 0;
+    let mut responses = 0;
+    for _ in 0..HANDSHAKE_RATE_LIMIT - 1 {
+        let mut buf = [0u8; 256];
+        let TunnResult::WriteToNetwork(init) = h1.format_handshake_initiation(&mut buf, true)
+        else {
+            panic!("no initiation");
+        };
+        let h = &mut sim.hosts[0];
+        h.node.handle_datagram(sim.now, from, init, &mut h.out);
+        for (_, d) in h.out.network() {
+            match d.first() {
+                Some(2) => responses += 1,
+                Some(3) => cookies += 1,
+                _ => {}
+            }
+        }
+        h.out.clear();
+    }
+    assert_eq!(cookies, 0);
+    assert_eq!(responses, HANDSHAKE_RATE_LIMIT - 1);
 }
