@@ -41,10 +41,12 @@ pub enum DropReason {
     SyncPort,
     /// A records-sync message arrived faster than the sync task takes them.
     SyncBacklog,
+    /// A handshake message from a source over its per-second budget.
+    HandshakeFlood,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::NotIpv4,
         DropReason::Malformed,
         DropReason::ForeignSource,
@@ -61,6 +63,7 @@ impl DropReason {
         DropReason::IoError,
         DropReason::SyncPort,
         DropReason::SyncBacklog,
+        DropReason::HandshakeFlood,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl DropReason {
             DropReason::IoError => "io_error",
             DropReason::SyncPort => "sync_port",
             DropReason::SyncBacklog => "sync_backlog",
+            DropReason::HandshakeFlood => "handshake_flood",
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod arp;
 pub mod drops;
 pub mod ethernet;
+pub mod handshake_gate;
 pub mod ipam;
 pub mod liveness;
 pub mod node;

@@ -22,6 +22,7 @@ use tracing::{info, trace, warn};
 
 use super::arp::{self, ArpResponder, ArpVerdict};
 use super::ethernet::{ETHERNET_HEADER, ETHERTYPE_ARP, ETHERTYPE_IPV4, Frame, Mac, write_header};
+use super::handshake_gate::HandshakeGate;
 use super::outbox::{Outbox, Placed};
 use super::packet::{self, ICMP_ERROR_MAX, SyncPort};
 use super::peer::{Peer, PeerStatus};
@@ -89,6 +90,8 @@ pub struct Node {
     /// Screens every handshake message once, with the sender's real
     /// address, before any Diffie-Hellman: mac1, then cookies under load.
     rate_limiter: Arc<RateLimiter>,
+    /// Per-source budgets for handshake messages, checked before anything.
+    gate: HandshakeGate,
     /// What the peers' sessions check again inside boringtun: mac1 only.
     /// Its limit is never reached, so a message is counted once, above.
     screened: Arc<RateLimiter>,
@@ -133,6 +136,7 @@ impl Node {
                 HANDSHAKE_RATE_LIMIT,
             )),
             screened: Arc::new(RateLimiter::new(&public_key.to_x25519(), u64::MAX)),
+            gate: HandshakeGate::new(now),
             peers: Vec::new(),
             free_slots: Vec::new(),
             by_key: HashMap::new(),
@@ -271,7 +275,15 @@ impl Node {
         datagram: &[u8],
         out: &mut Outbox,
     ) {
-        let slot = match Tunn::parse_incoming_packet(datagram) {
+        let packet = Tunn::parse_incoming_packet(datagram);
+        let handshake = matches!(
+            packet,
+            Ok(Packet::HandshakeInit(_) | Packet::HandshakeResponse(_))
+        );
+        if handshake && !self.gate.allow(from.ip(), now) {
+            return self.drop(DropReason::HandshakeFlood);
+        }
+        let slot = match packet {
             Ok(Packet::HandshakeInit(init)) => {
                 match self.initiator_of(from, datagram, &init, out) {
                     Ok(Some(slot)) => slot,

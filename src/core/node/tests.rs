@@ -852,10 +852,15 @@ fn each_initiation_counts_once_against_the_handshake_limit() {
         7,
         None,
     );
-    let from: SocketAddr = defs[1].addr.parse().unwrap();
     let mut cookies = 0;
     let mut responses = 0;
-    for _ in 0..HANDSHAKE_RATE_LIMIT - 1 {
+    for n in 0..HANDSHAKE_RATE_LIMIT - 1 {
+        // From as many addresses (a roaming peer), each within its own
+        // per-source budget.
+        let from = SocketAddr::new(
+            std::net::Ipv4Addr::from(0xc000_0200 + n as u32).into(),
+            51820,
+        );
         let mut buf = [0u8; 256];
         let TunnResult::WriteToNetwork(init) = h1.format_handshake_initiation(&mut buf, true)
         else {
@@ -874,4 +879,41 @@ fn each_initiation_counts_once_against_the_handshake_limit() {
     }
     assert_eq!(cookies, 0);
     assert_eq!(responses, HANDSHAKE_RATE_LIMIT - 1);
+}
+
+#[test]
+fn a_handshake_flood_from_one_source_is_dropped_before_any_crypto() {
+    let defs = three_hosts();
+    let mut sim = Sim::mesh(&defs, None);
+    let mut h1 = Tunn::new(
+        defs[1].key.to_x25519(),
+        defs[0].key.public_key().to_x25519(),
+        None,
+        None,
+        7,
+        None,
+    );
+    let mut buf = [0u8; 256];
+    let TunnResult::WriteToNetwork(init) = h1.format_handshake_initiation(&mut buf, true) else {
+        panic!("no initiation");
+    };
+    let init = init.to_vec();
+    let flooder: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+    let h = &mut sim.hosts[0];
+    let mut answered = 0;
+    for _ in 0..5_000 {
+        h.node.handle_datagram(sim.now, flooder, &init, &mut h.out);
+        answered += h.out.network().count();
+        h.out.clear();
+    }
+    let flood = h.node.drops().get(DropReason::HandshakeFlood);
+    assert_eq!(
+        flood,
+        5_000 - crate::core::handshake_gate::PER_SOURCE_PER_SECOND as u64
+    );
+    assert!(answered <= crate::core::handshake_gate::PER_SOURCE_PER_SECOND as usize);
+    // The genuine peer, from its own address, still gets through.
+    sim.tick();
+    sim.run();
+    assert_eq!(sim.status(0, "h1").state, PeerState::Up);
 }
