@@ -13,6 +13,24 @@ use crate::control::HostStatus;
 use crate::core::PeerStatus;
 use crate::keys::PublicKey;
 
+/// What a UAPI client asked, from the first line it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UapiRequest {
+    Get,
+    /// Refused: the config file is the source of truth.
+    Set,
+    /// Anything else is not answered at all.
+    Unknown,
+}
+
+pub fn parse_request(first_line: &str) -> UapiRequest {
+    match first_line.trim_end_matches(['\r', '\n']) {
+        "get=1" => UapiRequest::Get,
+        "set=1" => UapiRequest::Set,
+        _ => UapiRequest::Unknown,
+    }
+}
+
 /// The answer to `get=1`: `key=value` lines, one block per peer, then
 /// `errno=0` and an empty line.
 pub fn get_response(host: &HostStatus, peers: &[PeerStatus], now_unix: Duration) -> String {

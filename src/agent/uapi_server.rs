@@ -47,8 +47,8 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) -> s
     tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut first))
         .await
         .map_err(|_| ErrorKind::TimedOut)??;
-    let reply = match first.trim_end() {
-        "get=1" => {
+    let reply = match crate::uapi::parse_request(&first) {
+        crate::uapi::UapiRequest::Get => {
             let status = ask(&requests, Request::Status).await;
             let peers = ask(&requests, Request::Peers).await;
             match (status, peers) {
@@ -61,8 +61,8 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) -> s
                 _ => return Ok(()),
             }
         }
-        "set=1" => crate::uapi::NOT_SUPPORTED.to_owned(),
-        _ => return Ok(()),
+        crate::uapi::UapiRequest::Set => crate::uapi::NOT_SUPPORTED.to_owned(),
+        crate::uapi::UapiRequest::Unknown => return Ok(()),
     };
     write.write_all(reply.as_bytes()).await
 }

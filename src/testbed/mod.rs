@@ -721,16 +721,26 @@ impl Drop for Capture {
 
 /// Counts the packets in a pcap file (classic format, as tcpdump writes).
 pub fn pcap_packet_count(pcap: &[u8]) -> usize {
+    pcap_packets(pcap).len()
+}
+
+/// The captured bytes of every packet in a pcap file (classic format,
+/// little-endian, as tcpdump writes on this machine).
+pub fn pcap_packets(pcap: &[u8]) -> Vec<&[u8]> {
     const GLOBAL_HEADER: usize = 24;
     const RECORD_HEADER: usize = 16;
     let mut offset = GLOBAL_HEADER;
-    let mut count = 0;
+    let mut packets = Vec::new();
     while let Some(header) = pcap.get(offset..offset + RECORD_HEADER) {
         let captured = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
-        offset += RECORD_HEADER + captured;
-        count += 1;
+        let start = offset + RECORD_HEADER;
+        let Some(packet) = pcap.get(start..start + captured) else {
+            break;
+        };
+        packets.push(packet);
+        offset = start + captured;
     }
-    count
+    packets
 }
 
 /// tcpdump's one-line decoding of every packet in a pcap, for messages.
