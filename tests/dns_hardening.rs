@@ -15,6 +15,7 @@ use meshnet::config::Mode;
 use meshnet::dns::rate::MAX_TCP_PER_CLIENT;
 use meshnet::testbed::dns::{self, Dnsmasq, Fake, FakeUpstream, SERVICE, UPSTREAM, dig, status_of};
 use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 fn bins() -> Binaries {
     Binaries {
@@ -127,8 +128,27 @@ fn a_truncated_upstream_answer_is_fetched_again_over_tcp() {
 
 #[test]
 fn held_tcp_connections_do_not_starve_neighbours_or_the_agent() {
+    // A common default soft limit, inherited by the agent: it must raise
+    // its own to the hard limit (this test binary needs no more).
+    let hard = getrlimit(Resource::Nofile).maximum;
+    let soft = Rlimit {
+        current: Some(1024),
+        maximum: hard,
+    };
+    setrlimit(Resource::Nofile, soft).unwrap();
     let h = host("dnshold", |bed| Dnsmasq::start(bed).unwrap());
     let pid = h.bed.agent_pid(0).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3], open_files[4],
+        "soft limit not raised: {limits}"
+    );
     let fds = || {
         std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
