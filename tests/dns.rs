@@ -8,11 +8,11 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use meshnet::config::Mode;
 use meshnet::core::PeerState;
+use meshnet::testbed::dns::{self, Dnsmasq, UPSTREAM};
 use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
 
 fn bins() -> Binaries {
@@ -22,62 +22,8 @@ fn bins() -> Binaries {
     }
 }
 
-const UPSTREAM: &str = "192.0.2.200";
-
-/// dnsmasq answering `outside.example` in the switch namespace; killed on drop.
-struct Upstream(Child);
-
-impl Upstream {
-    fn start(bed: &Testbed) -> Self {
-        let sw = &bed.bridge_ns;
-        let out = exec_in(
-            sw,
-            &["ip", "addr", "add", &format!("{UPSTREAM}/24"), "dev", "br0"],
-        )
-        .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                sw,
-                "dnsmasq",
-                "--no-daemon",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-            ])
-            .args([
-                "--bind-interfaces",
-                &format!("--listen-address={UPSTREAM}"),
-                "--address=/outside.example/192.0.2.99",
-            ])
-            .args(["--pid-file", "--user=root"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (apt-get install dnsmasq)");
-        let up = Upstream(child);
-        let ready = wait_until(Duration::from_secs(5), || {
-            dig(sw, &["@192.0.2.200", "+short", "outside.example"]).contains("192.0.2.99")
-        });
-        assert!(ready, "dnsmasq did not come up");
-        up
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn dig(ns: &str, args: &[&str]) -> String {
-    let mut full = vec!["dig", "+time=1", "+tries=2"];
-    full.extend_from_slice(args);
-    let out = exec_in(ns, &full).expect("dig (apt-get install dnsutils)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    dns::dig(ns, args)
 }
 
 /// `dig +short` at the agent, answers sorted.
@@ -90,17 +36,12 @@ fn short(ns: &str, args: &[&str]) -> Vec<String> {
 }
 
 fn status_of(ns: &str, name: &str) -> String {
-    let out = dig(ns, &["@169.254.169.250", name]);
-    out.split("status: ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap_or("no answer")
-        .to_owned()
+    dns::status_of(ns, &[name])
 }
 
 struct Cluster {
     bed: Testbed,
-    _upstream: Upstream,
+    _upstream: Dnsmasq,
     c1: String,
     c3: String,
 }
@@ -123,7 +64,7 @@ fn cluster_with(tag: &str, dns_extra: &str) -> Cluster {
         )
         .unwrap();
     }
-    let upstream = Upstream::start(&bed);
+    let upstream = Dnsmasq::start(&bed).unwrap();
     bed.start_all().unwrap();
     assert!(wait_until(Duration::from_secs(15), || {
         (0..2).all(|i| {

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use meshnet::core::{Identity, LinkMode, Node, Outbox};
 use meshnet::dns::answer::{Decision, Transport, answer};
+use meshnet::dns::forward::{Mismatch, Query, Verdict};
 use meshnet::keys::PrivateKey;
 use meshnet::membership::{Membership, PeerSpec};
 use proptest::prelude::*;
@@ -86,6 +87,31 @@ proptest! {
                 prop_assert!(transport == Transport::Tcp || bytes.len() <= 512);
                 prop_assert!(bytes.len() >= 12);
             }
+        }
+    }
+
+    #[test]
+    fn arbitrary_upstream_replies_never_panic_or_match_another_id(
+        name in "[a-zA-Z0-9]{1,20}(\\.[a-zA-Z0-9]{1,20}){0,3}",
+        id in any::<u16>(),
+        reply in proptest::collection::vec(any::<u8>(), 0..200),
+        keep in 0usize..40,
+    ) {
+        let bytes = meshnet::dns::answer::query_message(0x1234, &format!("{name}."), hickory_proto::rr::RecordType::A).unwrap();
+        let query = Query::parse(&bytes).unwrap();
+        // Random bytes, and the real query's prefix followed by random bytes.
+        let mut prefixed = query.upstream(id);
+        prefixed.truncate(keep.min(prefixed.len()));
+        prefixed.extend_from_slice(&reply);
+        for candidate in [&reply, &prefixed] {
+            for transport in [Transport::Udp, Transport::Tcp] {
+                let verdict = query.check(id, candidate, transport);
+                if verdict != Verdict::Mismatch(Mismatch::Id) && verdict != Verdict::Mismatch(Mismatch::Malformed) {
+                    prop_assert_eq!(&candidate[..2], &id.to_be_bytes());
+                }
+            }
+            let _ = query.for_client(candidate);
+            let _ = Query::parse(candidate);
         }
     }
 

@@ -12,6 +12,7 @@ pub mod containers;
 pub mod control_server;
 pub mod device;
 pub mod dns_server;
+pub mod limits;
 pub mod netops;
 pub mod records_sync;
 pub mod state;
@@ -78,6 +79,7 @@ pub async fn run(
     mut membership: watch::Receiver<Membership>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    limits::raise_open_files();
     // Everything that can fail because of another running agent, or bad
     // state, is checked before the device is created.
     control_server::clear_stale(&config.control_socket)?;

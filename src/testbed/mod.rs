@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+pub mod dns;
 pub mod measure;
 
 use crate::config::Mode;
