@@ -10,6 +10,7 @@ pub mod arp;
 pub mod drops;
 pub mod ethernet;
 pub mod ipam;
+pub mod isolation;
 pub mod liveness;
 pub mod node;
 pub mod outbox;
