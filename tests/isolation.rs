@@ -300,6 +300,28 @@ fn the_host_is_out_of_reach_but_its_dns_answers() {
     );
     bed.attach(0, &c1, "c1", &[]).unwrap();
     let a2 = bed.attach(1, &c2, "web", &[]).unwrap();
+    // DNS first, while the host has never heard from c1: answering makes
+    // the host resolve c1, and that must not teach c1 that the service
+    // address sits at the bridge (whose filter drops the next query).
+    let answered = wait_until(Duration::from_secs(10), || {
+        let out = exec_in(&c1, &["dig", "+search", "+short", "+time=1", "web"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == a2.to_string()
+    });
+    assert!(
+        answered,
+        "DNS at 169.254.169.250 did not answer:\n{}",
+        bed.log(0)
+    );
+    assert_eq!(neighbour(&c1, SERVICE), Some(agent_mac(&bed, 0)));
+    for name in ["web", "c1"] {
+        let out = exec_in(&c1, &["dig", "+search", "+short", "+time=1", name]).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+            "{name} did not resolve: {out:?}"
+        );
+    }
+    assert!(pings(&c1, SERVICE, None, 2), "service address unreachable");
+
     assert!(
         !pings(&c1, Ipv4Addr::new(10, 42, 1, 1), None, 2),
         "host reached"
@@ -310,16 +332,6 @@ fn the_host_is_out_of_reach_but_its_dns_answers() {
     )
     .unwrap();
     assert!(!tcp.status.success(), "host's port 53 reached: {tcp:?}");
-    assert!(pings(&c1, SERVICE, None, 2), "service address unreachable");
-    let answered = wait_until(Duration::from_secs(10), || {
-        let out = exec_in(&c1, &["dig", "+search", "+short", "+time=1", "web"]).unwrap();
-        String::from_utf8_lossy(&out.stdout).trim() == a2.to_string()
-    });
-    assert!(
-        answered,
-        "DNS at 169.254.169.250 did not answer:\n{}",
-        bed.log(0)
-    );
     assert!(
         pings(&c1, Ipv4Addr::new(10, 42, 2, 1), None, 2),
         "remote host"

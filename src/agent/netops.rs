@@ -109,13 +109,18 @@ pub async fn set_up_service_address(bridge: Option<&str>) -> Result<(), NetopsEr
     ])
     .await?;
     if let Some(bridge) = bridge {
-        let path = Path::new("/proc/sys/net/ipv4/conf")
-            .join(bridge)
-            .join("arp_ignore");
-        std::fs::write(&path, "1").map_err(|e| NetopsError::Command {
-            command: format!("write {}", path.display()),
-            stderr: e.to_string(),
-        })?;
+        // arp_announce 2: when the host resolves a container to answer its
+        // DNS, the request's sender is the bridge's own address, never the
+        // reply's source (the service address). Otherwise the container
+        // would learn 169.254.169.250 at the bridge's MAC and send its next
+        // queries to the host directly, where the bridge filter drops them.
+        for (knob, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+            let path = Path::new("/proc/sys/net/ipv4/conf").join(bridge).join(knob);
+            std::fs::write(&path, value).map_err(|e| NetopsError::Command {
+                command: format!("write {}", path.display()),
+                stderr: e.to_string(),
+            })?;
+        }
     }
     Ok(())
 }
