@@ -357,6 +357,21 @@ fn rules_follow_attach_and_detach_and_are_rebuilt_at_restart() {
     assert!(!table.contains(&chain1), "detach left the chain:\n{table}");
     assert!(table.contains("iifname \"mv*\" drop"), "{table}");
 
+    // Namespace names that would leave /run/netns or read as options.
+    for netns in ["--netns=..", "--netns=-n"] {
+        for verb in [
+            &["attach", netns, "--name", "x"][..],
+            &["detach", netns][..],
+        ] {
+            let out = bed.meshctl(0, verb).unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains("network namespace name"),
+                "{verb:?}: {err}"
+            );
+        }
+    }
+
     let a2 = bed.attach(0, &c2, "c2", &[]).unwrap();
     let chain2 = format!("c_{}", meshnet::agent::netops::host_veth_name(a2));
     assert!(pings(&c2, SERVICE, None, 2));
