@@ -12,9 +12,8 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use tokio::process::Command;
-
 use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
 
 use crate::core::ethernet::Mac;
 use crate::core::isolation::{self, IsolationError, Port, PortName};
@@ -280,7 +279,9 @@ async fn nft(args: &[&str], script: &str) -> Result<(), NetopsError> {
     let out = child
         .wait_with_output()
         .await
-        .map_err(|e| NetopsError::NftMissing(format!("nft did not finish: {e}")))?;
+        .map_err(|e| NetopsError::Nft {
+            stderr: format!("nft did not finish: {e}"),
+        })?;
     if out.status.success() {
         return Ok(());
     }
