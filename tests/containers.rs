@@ -153,14 +153,9 @@ fn containers_on_different_hosts_reach_each_other_through_proxy_arp() {
         !spoof.status.success(),
         "a borrowed address crossed the mesh"
     );
-    let drops = bed
-        .status(0)
-        .unwrap()
-        .dropped
-        .get("spoofed_source")
-        .copied()
-        .unwrap_or(0);
-    assert!(drops >= 2, "spoofed packets were not counted: {drops}");
+    // The bridge filter drops these before the agent sees them (see
+    // tests/isolation.rs); the agent's own SpoofedSource check stays as a
+    // second line and is covered by the node's unit tests.
 
     // The container got what attach promises.
     let link = meshnet::testbed::exec_in(&c1, &["ip", "-o", "addr", "show", "eth0"]).unwrap();

@@ -19,7 +19,8 @@ use crate::config::Config;
 use crate::control::{AttachRequest, Response};
 use crate::core::Node;
 use crate::core::ethernet::Mac;
-use crate::core::ipam::{Container, DEFAULT_STACK, Ipam};
+use crate::core::ipam::{Container, DEFAULT_STACK, Ipam, check_netns_name};
+use crate::core::isolation::Port;
 use crate::membership::is_dns_label;
 
 pub struct Containers {
@@ -70,6 +71,7 @@ impl Containers {
                 info!(container = %c.name, address = %c.address, "container vanished while the agent was down; address freed");
             }
         }
+        install_filter(&mut ipam).await?;
         for c in ipam.containers() {
             netops::enslave(&c.host_veth, &config.bridge).await?;
             node.set_neighbour(c.address, c.mac);
@@ -100,6 +102,7 @@ impl Containers {
 
     /// Checks an attach request and reserves its address.
     fn reserve(&mut self, req: AttachRequest) -> Result<Container, String> {
+        check_netns_name(&req.netns).map_err(|e| e.to_string())?;
         let stack = req.stack.unwrap_or_else(|| DEFAULT_STACK.to_owned());
         for (what, label) in [
             ("container name", Some(&req.name)),
@@ -193,6 +196,10 @@ impl Shell {
             let _ = reply.send(Response::Error(tap_only("detach")));
             return;
         };
+        if let Err(e) = check_netns_name(&netns) {
+            let _ = reply.send(Response::Error(e.to_string()));
+            return;
+        }
         let Some(container) = containers.ipam.by_netns(&netns).cloned() else {
             let _ = reply.send(Response::Error(format!(
                 "no container is attached in namespace {netns}"
@@ -312,6 +319,30 @@ impl Shell {
             .send_replace((self.local_version, records));
         self.local_version
     }
+}
+
+/// Rebuilds the bridge filter for exactly the restored containers, in one
+/// transaction, so a stale or tampered table is replaced before any port
+/// is (re)enslaved. A record whose port name the filter cannot take is
+/// freed rather than left unfiltered.
+async fn install_filter(ipam: &mut Ipam) -> Result<(), NetopsError> {
+    let mut ports = Vec::new();
+    let mut refused = Vec::new();
+    for c in ipam.containers() {
+        match Port::new(&c.host_veth, c.mac, c.address) {
+            Ok(port) => ports.push(port),
+            Err(e) => {
+                warn!(container = %c.name, error = %e, "saved container refused");
+                refused.push(c.netns.clone());
+            }
+        }
+    }
+    for netns in refused {
+        ipam.release(&netns);
+    }
+    netops::install_filter(&ports).await?;
+    info!(ports = ports.len(), "bridge filter installed");
+    Ok(())
 }
 
 /// The container's resolver: `ip netns exec` binds /etc/netns/NS/resolv.conf

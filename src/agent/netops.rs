@@ -1,16 +1,22 @@
-//! Link plumbing with iproute2: the TAP-mode bridge and container veths.
+//! Link plumbing with iproute2 and nftables: the TAP-mode bridge, container
+//! veths, and the bridge filter that isolates them (`core::isolation`
+//! writes the nft scripts; this file only runs them).
 //!
-//! Every step runs `ip` asynchronously, so the agent's data path never
-//! waits on it. An attach that fails part-way removes what it made.
+//! Every step runs `ip` or `nft -f -` asynchronously, so the agent's data
+//! path never waits on it. An attach installs the port's filter before the
+//! veth exists, and one that fails part-way removes what it made.
 //! Must never: touch a link it did not create or was not named; never
-//! remove the bridge (containers keep working while the agent restarts).
+//! remove the bridge or the filter table (containers keep working, and
+//! stay isolated, while the agent restarts).
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::core::ethernet::Mac;
+use crate::core::isolation::{self, IsolationError, Port, PortName};
 use crate::core::service::SERVICE_ADDRESS;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,6 +27,15 @@ pub enum NetopsError {
     Eth0Exists(String),
     #[error("`ip {command}` failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error(
+        "TAP mode needs the `nft` tool (Debian package nftables) to isolate containers \
+         on the bridge: {0}"
+    )]
+    NftMissing(String),
+    #[error("the bridge filter (nftables table bridge {table}) was refused: {stderr}", table = isolation::TABLE)]
+    Nft { stderr: String },
+    #[error(transparent)]
+    Isolation(#[from] IsolationError),
 }
 
 /// A container's link as attach creates it.
@@ -51,6 +66,8 @@ pub fn netns_exists(name: &str) -> bool {
 
 /// Creates the bridge if missing and gives it the host's address, MAC and
 /// MTU; an existing bridge (from before a restart) is reused as it is.
+/// First checks that the bridge filter can be installed at all, so an
+/// agent without `nft` stops before it touches a device.
 pub async fn ensure_bridge(
     name: &str,
     mac: Mac,
@@ -58,6 +75,7 @@ pub async fn ensure_bridge(
     prefix: u8,
     mtu: u16,
 ) -> Result<(), NetopsError> {
+    check_filter().await?;
     if !link_exists(name) {
         ip(&["link", "add", name, "type", "bridge"]).await?;
     }
@@ -90,13 +108,18 @@ pub async fn set_up_service_address(bridge: Option<&str>) -> Result<(), NetopsEr
     ])
     .await?;
     if let Some(bridge) = bridge {
-        let path = Path::new("/proc/sys/net/ipv4/conf")
-            .join(bridge)
-            .join("arp_ignore");
-        std::fs::write(&path, "1").map_err(|e| NetopsError::Command {
-            command: format!("write {}", path.display()),
-            stderr: e.to_string(),
-        })?;
+        // arp_announce 2: when the host resolves a container to answer its
+        // DNS, the request's sender is the bridge's own address, never the
+        // reply's source (the service address). Otherwise the container
+        // would learn 169.254.169.250 at the bridge's MAC and send its next
+        // queries to the host directly, where the bridge filter drops them.
+        for (knob, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+            let path = Path::new("/proc/sys/net/ipv4/conf").join(bridge).join(knob);
+            std::fs::write(&path, value).map_err(|e| NetopsError::Command {
+                command: format!("write {}", path.display()),
+                stderr: e.to_string(),
+            })?;
+        }
     }
     Ok(())
 }
@@ -106,8 +129,21 @@ pub async fn enslave(link: &str, bridge: &str) -> Result<(), NetopsError> {
     ip(&["link", "set", link, "master", bridge, "up"]).await
 }
 
+/// Dry-runs the empty filter table (`nft -c`: the kernel checks it, nothing
+/// changes): fails when `nft` is missing or the kernel lacks bridge
+/// filtering.
+async fn check_filter() -> Result<(), NetopsError> {
+    nft(&["-c", "-f", "-"], &isolation::full_table(&[])).await
+}
+
+/// Replaces the bridge filter with one for exactly `ports`, atomically.
+pub async fn install_filter(ports: &[Port]) -> Result<(), NetopsError> {
+    nft(&["-f", "-"], &isolation::full_table(ports)).await
+}
+
 /// Creates the veth pair, moves one end into the namespace as `eth0`, and
-/// configures it; on failure removes the pair again.
+/// configures it; on failure removes the pair again. The port's filter is
+/// in place before the pair exists (and removed again on failure).
 pub async fn attach(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
     if !netns_exists(link.netns) {
         return Err(NetopsError::NoNamespace(link.netns.to_owned()));
@@ -118,6 +154,16 @@ pub async fn attach(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
     {
         return Err(NetopsError::Eth0Exists(link.netns.to_owned()));
     }
+    let port = Port::new(link.host_veth, link.mac, link.address)?;
+    nft(&["-f", "-"], &isolation::add_port(&port)).await?;
+    let made = make_pair(link).await;
+    if made.is_err() {
+        let _ = nft(&["-f", "-"], &isolation::remove_port(&port.name)).await;
+    }
+    made
+}
+
+async fn make_pair(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
     ip(&[
         "link",
         "add",
@@ -179,13 +225,15 @@ async fn configure(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
     .await
 }
 
-/// Removes a container's veth pair; one already gone (say, with its
-/// namespace) is fine.
+/// Removes a container's veth pair, then its filter; either already gone
+/// (say, with its namespace) is fine. Between the two steps the port is
+/// unmapped-or-absent, and the fail-closed rule covers it.
 pub async fn detach(host_veth: &str) -> Result<(), NetopsError> {
-    if !link_exists(host_veth) {
-        return Ok(());
+    let name = PortName::new(host_veth)?;
+    if link_exists(host_veth) {
+        ip(&["link", "del", host_veth]).await?;
     }
-    ip(&["link", "del", host_veth]).await
+    nft(&["-f", "-"], &isolation::remove_port(&name)).await
 }
 
 fn disable_ipv6(name: &str) {
@@ -212,6 +260,34 @@ async fn ip(args: &[&str]) -> Result<(), NetopsError> {
     Err(failed(
         String::from_utf8_lossy(&out.stderr).trim().to_owned(),
     ))
+}
+
+/// Runs `nft` with `script` on stdin: one atomic transaction.
+async fn nft(args: &[&str], script: &str) -> Result<(), NetopsError> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| NetopsError::NftMissing(format!("cannot run nft: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A write error means nft exited early; its status says why.
+        let _ = stdin.write_all(script.as_bytes()).await;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| NetopsError::Nft {
+            stderr: format!("nft did not finish: {e}"),
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(NetopsError::Nft {
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
 }
 
 #[cfg(test)]

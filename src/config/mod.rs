@@ -226,6 +226,14 @@ impl Validator<'_> {
         };
         let subnet = self.subnet(&raw.subnet, "subnet", overlay)?;
         let device = match &raw.device {
+            Some(d) if d.get_ref().starts_with(crate::core::isolation::PORT_PREFIX) => {
+                return Err(self.error(
+                    d.span(),
+                    "device",
+                    "names starting with \"mv\" belong to container ports, which the \
+                     bridge filter treats as untrusted",
+                ));
+            }
             Some(d) => self.interface(d, "device")?,
             None => DEFAULT_DEVICE.to_owned(),
         };

@@ -310,6 +310,11 @@ fn invalid_values_are_rejected() {
         (format!("{HEAD}mode = \"l2\"\n"), "mode", "unknown mode"),
         (format!("{HEAD}mtu = 100\n"), "mtu", "not a usable MTU"),
         (
+            format!("{HEAD}device = \"mv0a2a0105\"\n"),
+            "device",
+            "belong to container ports",
+        ),
+        (
             format!("{HEAD}device = \"a/b\"\n"),
             "device",
             "not a valid interface name",

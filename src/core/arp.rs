@@ -6,9 +6,16 @@
 //! then come to the agent, which tunnels them. It never answers for its own
 //! subnet (local containers answer for themselves), for anything outside
 //! the overlay, for gratuitous ARP or for replies.
-//! Must never: answer without a matching rule, or answer faster than its
-//! rate limit.
+//!
+//! Replies go to the frame's Ethernet source, and a request whose ARP
+//! sender MAC is not that source is ignored: the agent never aims a reply
+//! at a MAC the asker merely wrote into its payload. Each source MAC has
+//! its own budget per second, under a global ceiling, so one container
+//! cannot spend the answers its neighbours need.
+//! Must never: answer without a matching rule, answer faster than its
+//! rate limits, or track more sources than `MAX_SOURCES`.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -21,6 +28,16 @@ use super::ethernet::{ETHERNET_HEADER, ETHERTYPE_ARP, Mac, write_header};
 /// need (each caches a reply for minutes), low enough that a flood of
 /// requests cannot turn the agent into a packet cannon.
 pub const REPLIES_PER_SECOND: u32 = 500;
+/// Replies per second to one source MAC: a container resolving fifty
+/// remote peers at once is answered in the first second (the kernel
+/// retries a miss each second anyway), and ten busy containers together
+/// cannot use up the global ceiling.
+pub const REPLIES_PER_SOURCE: u32 = 50;
+/// Sources tracked per one-second window. The table is emptied every
+/// window and an entry is made only for a reply the global ceiling allows,
+/// so it cannot grow past `REPLIES_PER_SECOND` entries; this bound is the
+/// explicit guard.
+pub const MAX_SOURCES: usize = 1024;
 /// Length of an Ethernet + ARP-for-IPv4 reply.
 pub const REPLY_LEN: usize = ETHERNET_HEADER + 28;
 
@@ -39,7 +56,13 @@ pub enum ArpIgnore {
     OutsideOverlay,
     OwnSubnet,
     Unowned,
+    /// The ARP sender MAC is not the frame's source (or the source is a
+    /// multicast MAC): someone asking on another's behalf.
+    SenderMismatch,
+    /// The global ceiling is spent for this second.
     RateLimited,
+    /// This source's own budget is spent for this second.
+    SourceRateLimited,
 }
 
 /// What the responder needs to know about the world.
@@ -55,6 +78,8 @@ pub struct ArpResponder {
     service: Ipv4Addr,
     budget: u32,
     window: Instant,
+    /// Replies sent to each source MAC in the current window.
+    per_source: HashMap<Mac, u32>,
 }
 
 impl ArpResponder {
@@ -72,14 +97,17 @@ impl ArpResponder {
             service,
             budget: REPLIES_PER_SECOND,
             window: now,
+            per_source: HashMap::new(),
         }
     }
 
-    /// Decides about the ARP payload of a frame; a reply is written to
-    /// `out` (which must hold `REPLY_LEN` bytes).
+    /// Decides about the ARP payload of a frame sent from `source` (its
+    /// Ethernet source MAC); a reply is written to `out` (which must hold
+    /// `REPLY_LEN` bytes).
     pub fn handle(
         &mut self,
         now: Instant,
+        source: Mac,
         arp: &[u8],
         owners: &impl Owners,
         out: &mut [u8],
@@ -92,6 +120,9 @@ impl ArpResponder {
         };
         if request.operation != ArpOperation::REQUEST {
             return ArpVerdict::Ignore(ArpIgnore::NotARequest);
+        }
+        if source.is_multicast() || request.sender_mac != source.0 {
+            return ArpVerdict::Ignore(ArpIgnore::SenderMismatch);
         }
         let target = request.target_ipv4_addr();
         let sender = request.sender_ipv4_addr();
@@ -114,30 +145,37 @@ impl ArpResponder {
         if let Some(ignore) = verdict {
             return ArpVerdict::Ignore(ignore);
         }
-        if !self.take_budget(now) {
-            return ArpVerdict::Ignore(ArpIgnore::RateLimited);
+        if let Err(limited) = self.take_budget(now, source) {
+            return ArpVerdict::Ignore(limited);
         }
         let mut reply = request.clone();
         reply.operation = ArpOperation::REPLY;
         reply.sender_mac = self.agent_mac.0;
         reply.sender_ipv4 = target.octets();
-        reply.target_mac = request.sender_mac;
+        reply.target_mac = source.0;
         reply.target_ipv4 = sender.octets();
-        write_header(out, Mac(request.sender_mac), self.agent_mac, ETHERTYPE_ARP);
+        write_header(out, source, self.agent_mac, ETHERTYPE_ARP);
         out[ETHERNET_HEADER..REPLY_LEN].copy_from_slice(&reply.to_bytes());
         ArpVerdict::Reply(REPLY_LEN)
     }
 
-    fn take_budget(&mut self, now: Instant) -> bool {
+    /// Spends one reply from `source`'s budget and the global one.
+    fn take_budget(&mut self, now: Instant, source: Mac) -> Result<(), ArpIgnore> {
         if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
             self.window = now;
             self.budget = REPLIES_PER_SECOND;
+            self.per_source.clear();
         }
-        if self.budget == 0 {
-            return false;
+        let used = self.per_source.get(&source).copied().unwrap_or(0);
+        if used >= REPLIES_PER_SOURCE {
+            return Err(ArpIgnore::SourceRateLimited);
+        }
+        if self.budget == 0 || (used == 0 && self.per_source.len() >= MAX_SOURCES) {
+            return Err(ArpIgnore::RateLimited);
         }
         self.budget -= 1;
-        true
+        self.per_source.insert(source, used + 1);
+        Ok(())
     }
 }
 
@@ -168,9 +206,13 @@ mod tests {
     }
 
     fn request(sender: [u8; 4], target: [u8; 4], op: ArpOperation) -> Vec<u8> {
+        request_from(ASKER, sender, target, op)
+    }
+
+    fn request_from(mac: [u8; 6], sender: [u8; 4], target: [u8; 4], op: ArpOperation) -> Vec<u8> {
         let p = ArpEthIpv4Packet {
             operation: op,
-            sender_mac: ASKER,
+            sender_mac: mac,
             sender_ipv4: sender,
             target_mac: [0; 6],
             target_ipv4: target,
@@ -182,6 +224,7 @@ mod tests {
         let mut out = [0u8; REPLY_LEN];
         r.handle(
             Instant::now(),
+            Mac(ASKER),
             &request([10, 42, 1, 5], target, ArpOperation::REQUEST),
             &Peers,
             &mut out,
@@ -194,7 +237,7 @@ mod tests {
         let mut out = [0u8; REPLY_LEN];
         let req = request([10, 42, 1, 5], [10, 42, 2, 9], ArpOperation::REQUEST);
         assert_eq!(
-            r.handle(Instant::now(), &req, &Peers, &mut out),
+            r.handle(Instant::now(), Mac(ASKER), &req, &Peers, &mut out),
             ArpVerdict::Reply(REPLY_LEN)
         );
         assert_eq!(&out[0..6], &ASKER, "reply goes to the asker");
@@ -250,41 +293,133 @@ mod tests {
         let now = Instant::now();
         let gratuitous = request([10, 42, 2, 9], [10, 42, 2, 9], ArpOperation::REQUEST);
         assert_eq!(
-            r.handle(now, &gratuitous, &Peers, &mut out),
+            r.handle(now, Mac(ASKER), &gratuitous, &Peers, &mut out),
             ArpVerdict::Ignore(ArpIgnore::Gratuitous)
         );
         let probe = request([0, 0, 0, 0], [10, 42, 2, 9], ArpOperation::REQUEST);
         assert_eq!(
-            r.handle(now, &probe, &Peers, &mut out),
+            r.handle(now, Mac(ASKER), &probe, &Peers, &mut out),
             ArpVerdict::Ignore(ArpIgnore::Gratuitous)
         );
         let reply = request([10, 42, 1, 5], [10, 42, 2, 9], ArpOperation::REPLY);
         assert_eq!(
-            r.handle(now, &reply, &Peers, &mut out),
+            r.handle(now, Mac(ASKER), &reply, &Peers, &mut out),
             ArpVerdict::Ignore(ArpIgnore::NotARequest)
         );
         for garbage in [&[][..], &[0, 1, 8, 0, 6, 4, 0, 1][..], &[0xff; 60][..]] {
             assert_eq!(
-                r.handle(now, garbage, &Peers, &mut out),
+                r.handle(now, Mac(ASKER), garbage, &Peers, &mut out),
                 ArpVerdict::Ignore(ArpIgnore::Malformed)
             );
         }
     }
 
+    /// Replies given to `mac` asking `n` times at `now`.
+    fn answered(r: &mut ArpResponder, now: Instant, mac: [u8; 6], n: u32) -> usize {
+        let req = request_from(mac, [10, 42, 1, 5], [10, 42, 2, 9], ArpOperation::REQUEST);
+        let mut out = [0u8; REPLY_LEN];
+        (0..n)
+            .filter(|_| {
+                matches!(
+                    r.handle(now, Mac(mac), &req, &Peers, &mut out),
+                    ArpVerdict::Reply(_)
+                )
+            })
+            .count()
+    }
+
+    fn source(i: u32) -> [u8; 6] {
+        let b = i.to_be_bytes();
+        [0x0a, 0x42, b[0], b[1], b[2], b[3]]
+    }
+
     #[test]
-    fn replies_are_rate_limited_per_second() {
+    fn one_source_cannot_spend_its_neighbours_budget() {
         let mut r = responder();
         let t0 = Instant::now();
-        let req = request([10, 42, 1, 5], [10, 42, 2, 9], ArpOperation::REQUEST);
+        assert_eq!(
+            answered(&mut r, t0, source(1), REPLIES_PER_SECOND),
+            REPLIES_PER_SOURCE as usize
+        );
         let mut out = [0u8; REPLY_LEN];
-        let answered = (0..REPLIES_PER_SECOND + 10)
-            .filter(|_| matches!(r.handle(t0, &req, &Peers, &mut out), ArpVerdict::Reply(_)))
-            .count();
-        assert_eq!(answered, REPLIES_PER_SECOND as usize);
+        let req = request_from(
+            source(1),
+            [10, 42, 1, 5],
+            [10, 42, 2, 9],
+            ArpOperation::REQUEST,
+        );
+        assert_eq!(
+            r.handle(t0, Mac(source(1)), &req, &Peers, &mut out),
+            ArpVerdict::Ignore(ArpIgnore::SourceRateLimited)
+        );
+        assert_eq!(
+            answered(&mut r, t0, source(2), 1),
+            1,
+            "the neighbour is still answered"
+        );
         let later = t0 + Duration::from_secs(1);
         assert_eq!(
-            r.handle(later, &req, &Peers, &mut out),
+            answered(&mut r, later, source(1), 1),
+            1,
+            "a new second refills"
+        );
+    }
+
+    #[test]
+    fn many_sources_together_stop_at_the_global_ceiling() {
+        let mut r = responder();
+        let t0 = Instant::now();
+        let total: usize = (0..2 * MAX_SOURCES as u32)
+            .map(|i| answered(&mut r, t0, source(i), 2))
+            .sum();
+        assert_eq!(total, REPLIES_PER_SECOND as usize);
+        assert!(r.per_source.len() <= MAX_SOURCES);
+        assert_eq!(
+            answered(&mut r, t0 + Duration::from_secs(1), source(9999), 1),
+            1
+        );
+        assert_eq!(r.per_source.len(), 1, "the table is emptied each window");
+    }
+
+    #[test]
+    fn a_request_on_behalf_of_another_mac_is_ignored() {
+        let mut r = responder();
+        let mut out = [0u8; REPLY_LEN];
+        let victim = [0x0a, 0x42, 10, 42, 1, 7];
+        let req = request_from(
+            victim,
+            [10, 42, 1, 5],
+            [10, 42, 2, 9],
+            ArpOperation::REQUEST,
+        );
+        assert_eq!(
+            r.handle(Instant::now(), Mac(ASKER), &req, &Peers, &mut out),
+            ArpVerdict::Ignore(ArpIgnore::SenderMismatch)
+        );
+        let multicast = [0x0b, 0x42, 10, 42, 1, 5];
+        let req = request_from(
+            multicast,
+            [10, 42, 1, 5],
+            [10, 42, 2, 9],
+            ArpOperation::REQUEST,
+        );
+        assert_eq!(
+            r.handle(Instant::now(), Mac(multicast), &req, &Peers, &mut out),
+            ArpVerdict::Ignore(ArpIgnore::SenderMismatch)
+        );
+    }
+
+    #[test]
+    fn replies_are_addressed_to_the_frames_source() {
+        let mut r = responder();
+        let mut out = [0u8; REPLY_LEN];
+        let asker = [0x0a, 0x42, 10, 42, 1, 8];
+        let req = request_from(asker, [10, 42, 1, 8], [10, 42, 2, 9], ArpOperation::REQUEST);
+        assert_eq!(
+            r.handle(Instant::now(), Mac(asker), &req, &Peers, &mut out),
             ArpVerdict::Reply(REPLY_LEN)
         );
+        assert_eq!(&out[0..6], &asker);
+        assert_eq!(&out[ETHERNET_HEADER + 18..ETHERNET_HEADER + 24], &asker);
     }
 }

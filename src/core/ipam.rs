@@ -50,6 +50,48 @@ pub enum IpamError {
     NameTaken { name: String, stack: String },
     #[error("network namespace {0} is already attached")]
     NetnsTaken(String),
+    #[error(transparent)]
+    BadNetns(#[from] NetnsNameError),
+}
+
+/// Why a network namespace name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetnsNameError {
+    #[error("the network namespace name is empty")]
+    Empty,
+    #[error("network namespace name {0:?} is not a name (`.` and `..` name directories)")]
+    Dot(String),
+    #[error("network namespace name {0:?} contains '/' or NUL")]
+    Separator(String),
+    #[error("network namespace name is {0} bytes long; the limit is {NETNS_NAME_MAX}")]
+    TooLong(usize),
+    #[error("network namespace name {0:?} starts with '-' (it would read as an option)")]
+    Dash(String),
+}
+
+/// Longest namespace name: a file name under /run/netns.
+pub const NETNS_NAME_MAX: usize = 255;
+
+/// Checks that `name` can only mean a file directly in /run/netns (and
+/// /etc/netns, where the agent writes the container's resolv.conf), and
+/// cannot be taken for an option by `ip`.
+pub fn check_netns_name(name: &str) -> Result<(), NetnsNameError> {
+    if name.is_empty() {
+        return Err(NetnsNameError::Empty);
+    }
+    if name == "." || name == ".." {
+        return Err(NetnsNameError::Dot(name.to_owned()));
+    }
+    if name.contains(['/', '\0']) {
+        return Err(NetnsNameError::Separator(name.to_owned()));
+    }
+    if name.len() > NETNS_NAME_MAX {
+        return Err(NetnsNameError::TooLong(name.len()));
+    }
+    if name.starts_with('-') {
+        return Err(NetnsNameError::Dash(name.to_owned()));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +138,7 @@ impl Ipam {
 
     /// Records a container, checking every rule.
     pub fn insert(&mut self, container: Container) -> Result<(), IpamError> {
+        check_netns_name(&container.netns)?;
         self.check_free(container.address)?;
         if let Some(other) = self
             .by_address
@@ -280,5 +323,52 @@ mod tests {
         );
         assert_eq!(refused.len(), 1);
         assert!(matches!(refused[0].1, IpamError::AddressTaken { .. }));
+    }
+
+    #[test]
+    fn netns_names_that_escape_or_read_as_options_are_refused() {
+        for ok in [
+            "c1",
+            "web-1",
+            ".hidden",
+            "a..b",
+            "x".repeat(255).as_str(),
+            "ns.with.dots",
+        ] {
+            assert_eq!(check_netns_name(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(check_netns_name(""), Err(NetnsNameError::Empty));
+        for dot in [".", ".."] {
+            assert_eq!(check_netns_name(dot), Err(NetnsNameError::Dot(dot.into())));
+        }
+        for sep in ["a/b", "../etc", "/abs", "a\0b"] {
+            assert_eq!(
+                check_netns_name(sep),
+                Err(NetnsNameError::Separator(sep.into()))
+            );
+        }
+        assert_eq!(
+            check_netns_name(&"x".repeat(256)),
+            Err(NetnsNameError::TooLong(256))
+        );
+        for dash in ["-n", "--all", "-"] {
+            assert_eq!(
+                check_netns_name(dash),
+                Err(NetnsNameError::Dash(dash.into()))
+            );
+        }
+        let err = check_netns_name("..").unwrap_err().to_string();
+        assert!(err.contains("\"..\""), "{err}");
+    }
+
+    #[test]
+    fn saved_records_with_bad_netns_names_are_refused() {
+        let records = vec![container("a", "..", Ipv4Addr::new(10, 42, 1, 2))];
+        let (restored, refused) = Ipam::restore("10.42.1.0/29".parse().unwrap(), records);
+        assert_eq!(restored.containers().count(), 0);
+        assert!(matches!(
+            refused[0].1,
+            IpamError::BadNetns(NetnsNameError::Dot(_))
+        ));
     }
 }

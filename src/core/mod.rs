@@ -11,6 +11,7 @@ pub mod drops;
 pub mod ethernet;
 pub mod handshake_gate;
 pub mod ipam;
+pub mod isolation;
 pub mod liveness;
 pub mod node;
 pub mod outbox;

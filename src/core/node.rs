@@ -180,7 +180,10 @@ impl Node {
         if frame.ethertype == ETHERTYPE_ARP {
             let room = out.spare(arp::REPLY_LEN);
             let start = room.as_ptr();
-            if let ArpVerdict::Reply(n) = tap.arp.handle(now, frame.payload, &self.routes, room) {
+            if let ArpVerdict::Reply(n) =
+                tap.arp
+                    .handle(now, frame.source, frame.payload, &self.routes, room)
+            {
                 let placed = Placed::within(start, &room[..n]);
                 out.commit_device(placed);
             }
