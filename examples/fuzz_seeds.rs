@@ -41,12 +41,27 @@ fn main() -> Result<()> {
     let c2 = bed.add_container_ns(1, "c2")?;
     let underlay = bed.capture(&bed.hosts[0].ns, "ul0", "udp port 51820")?;
     let tap = bed.capture(&bed.hosts[0].ns, "mesh0", "")?;
-    let web = ["--stack", "shop", "--service", "web", "--port", "http:8080/tcp"];
+    let bridge = bed.capture(&bed.hosts[0].ns, "mesh-br0", "udp port 53")?;
+    let web = [
+        "--stack",
+        "shop",
+        "--service",
+        "web",
+        "--port",
+        "http:8080/tcp",
+    ];
     bed.attach(0, &c1, "web1", &web)?;
     bed.attach(1, &c2, "db", &["--stack", "shop"])?;
     std::thread::sleep(Duration::from_millis(500));
     traffic(&c1)?;
-    let frames: Vec<Vec<u8>> = pcap_packets(&tap.finish()?).into_iter().map(<[u8]>::to_vec).collect();
+    let frames: Vec<Vec<u8>> = pcap_packets(&tap.finish()?)
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect();
+    let dns_frames: Vec<Vec<u8>> = pcap_packets(&bridge.finish()?)
+        .into_iter()
+        .map(<[u8]>::to_vec)
+        .collect();
     let datagrams: Vec<Vec<u8>> = pcap_packets(&underlay.finish()?)
         .into_iter()
         .filter_map(udp_payload_of_frame)
@@ -63,8 +78,22 @@ fn main() -> Result<()> {
     let mut datagram_seeds: Vec<Vec<u8>> = datagrams.iter().map(|d| prefixed(0, d)).collect();
     datagram_seeds.extend(packets.iter().map(|p| prefixed(1, p)));
     save(&corpus, "datagram", datagram_seeds)?;
-    let queries = packets.iter().filter_map(|p| udp_payload(p, 53)).map(|q| prefixed(0, &q));
-    save(&corpus, "dns_answer", queries.collect())?;
+    let queries: Vec<Vec<u8>> = packets.iter().filter_map(|p| udp_payload(p, 53)).collect();
+    save(
+        &corpus,
+        "dns_answer",
+        queries.iter().map(|q| prefixed(0, q)).collect(),
+    )?;
+    let arp = frames
+        .iter()
+        .filter(|f| f.get(12..14) == Some(&[0x08, 0x06]))
+        .map(|f| [&f[6..12], &f[ETHERNET..]].concat());
+    save(&corpus, "arp", arp.collect())?;
+    let answers: Vec<Vec<u8>> = dns_frames
+        .iter()
+        .filter_map(|f| udp_payload_from(f.get(ETHERNET..)?, 53))
+        .collect();
+    save(&corpus, "forwarder", forwarder_seeds(&queries, &answers))?;
     save(&corpus, "records_sync", sync_seeds(&bed)?)?;
     save(&corpus, "config", config_seeds(&bed)?)?;
     save(&corpus, "control", control_seeds(&c1))?;
@@ -117,6 +146,28 @@ fn udp_payload(packet: &[u8], port: u16) -> Option<Vec<u8>> {
     let udp = packet.get(ihl..)?;
     let to = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
     (port == 0 || to == port).then(|| udp.get(8..).map(<[u8]>::to_vec))?
+}
+
+/// The UDP payload of an IPv4 packet from `port`.
+fn udp_payload_from(packet: &[u8], port: u16) -> Option<Vec<u8>> {
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let udp = packet.get(ihl..)?;
+    let from = u16::from_be_bytes([*udp.get(0)?, *udp.get(1)?]);
+    (*packet.get(9)? == 17 && from == port).then(|| udp.get(8..).map(<[u8]>::to_vec))?
+}
+
+/// Each query with the answer that carried its id, as the forwarder saw
+/// them: the upstream id (here the answer's), the query's length, the
+/// query, the answer.
+fn forwarder_seeds(queries: &[Vec<u8>], answers: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    queries
+        .iter()
+        .filter_map(|q| {
+            let answer = answers.iter().find(|a| a.get(..2) == q.get(..2))?;
+            let len = u16::try_from(q.len()).ok()?;
+            Some([&answer[..2], &len.to_be_bytes()[..], q, answer].concat())
+        })
+        .collect()
 }
 
 fn sync_seeds(bed: &Testbed) -> Result<Vec<Vec<u8>>> {

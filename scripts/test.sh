@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, property, CLI and network-namespace tests.
-# Run as root on Debian; installs the tools the tests use when missing.
+# The whole test suite: unit, property, CLI and network-namespace tests,
+# the fuzz corpora replayed (in cargo test), then every fuzz target run
+# briefly. Run as root on Debian; installs the tools the tests use when
+# missing (and cargo-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -11,3 +13,4 @@ scripts/deps.sh iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq wireguard-
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
+scripts/fuzz.sh "${FUZZ_SECONDS:-5}"

@@ -23,8 +23,10 @@ use meshnet::membership::{Membership, PeerSpec};
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("tun_packet", tun_packet),
     ("tap_frame", tap_frame),
+    ("arp", arp),
     ("datagram", datagram),
     ("dns_answer", dns_answer),
+    ("forwarder", forwarder),
     ("records_sync", records_sync),
     ("config", config),
     ("control", control),
@@ -80,7 +82,11 @@ fn membership() -> Membership {
 /// a packet plus WireGuard's overhead, device packets within an IP packet.
 fn check(out: &Outbox) {
     for (_, d) in out.network() {
-        assert!(!d.is_empty() && d.len() <= 65535 + 32, "datagram {}", d.len());
+        assert!(
+            !d.is_empty() && d.len() <= 65535 + 32,
+            "datagram {}",
+            d.len()
+        );
     }
     for p in out.device() {
         assert!(p.len() <= 65535 + 14, "device packet {}", p.len());
@@ -109,6 +115,68 @@ pub fn tap_frame(data: &[u8]) {
     check(&out);
     for frame in out.device() {
         assert!(frame.len() >= 14, "a frame without an Ethernet header");
+    }
+}
+
+/// An ARP payload from a container's frame: the first six bytes are the
+/// frame's source MAC. A reply is a whole frame back to that source, from
+/// the agent's MAC.
+pub fn arp(data: &[u8]) {
+    use meshnet::core::arp::{ArpResponder, ArpVerdict, Owners, REPLY_LEN};
+    struct Remote;
+    impl Owners for Remote {
+        fn remote(&self, addr: Ipv4Addr) -> bool {
+            addr.octets()[..3] == [10, 42, 2]
+        }
+    }
+    let Some((source, payload)) = data.split_first_chunk::<6>() else {
+        return;
+    };
+    let now = Instant::now();
+    let agent = Mac([0x02, 1, 2, 3, 4, 5]);
+    let mut responder = ArpResponder::new(
+        agent,
+        "10.42.0.0/16".parse().unwrap(),
+        "10.42.1.0/24".parse().unwrap(),
+        Ipv4Addr::new(169, 254, 169, 250),
+        now,
+    );
+    let mut out = [0u8; REPLY_LEN];
+    if let ArpVerdict::Reply(n) = responder.handle(now, Mac(*source), payload, &Remote, &mut out) {
+        assert_eq!(n, REPLY_LEN);
+        assert_eq!(&out[..6], source, "a reply goes to the frame's source");
+        assert_eq!(out[6..12], agent.0);
+    }
+}
+
+/// The forwarder's matching: a client query, the id it went upstream with,
+/// and a datagram from the upstream. Input: id (2 bytes), query length
+/// (2 bytes), the query, then the reply.
+pub fn forwarder(data: &[u8]) {
+    use meshnet::dns::forward::{Query, Verdict};
+    let Some((head, rest)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let id = u16::from_be_bytes([head[0], head[1]]);
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]])).min(rest.len());
+    let (query, reply) = rest.split_at(len);
+    let Ok(query) = Query::parse(query) else {
+        return;
+    };
+    let upstream = query.upstream(id);
+    assert_eq!(upstream[..2], id.to_be_bytes());
+    assert_eq!(upstream.len(), query.bytes().len());
+    for transport in [Transport::Udp, Transport::Tcp] {
+        let verdict = query.check(id, reply, transport);
+        if matches!(verdict, Verdict::Match | Verdict::RetryTcp) {
+            assert_eq!(reply[..2], id.to_be_bytes(), "matched another id");
+            let to_client = query.for_client(reply);
+            assert_eq!(to_client[..2], query.client_id().to_be_bytes());
+            assert_eq!(to_client.len(), reply.len());
+        }
+        if transport == Transport::Tcp {
+            assert_ne!(verdict, Verdict::RetryTcp, "TCP answers are never retried");
+        }
     }
 }
 
