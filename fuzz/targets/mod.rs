@@ -19,8 +19,11 @@ use meshnet::dns::{ContainerRecord, HostRecords, Zone};
 use meshnet::keys::{PrivateKey, PublicKey};
 use meshnet::membership::{Membership, PeerSpec};
 
+/// A target's body: libFuzzer's bytes in, a panic on a broken invariant.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("tun_packet", tun_packet),
     ("tap_frame", tap_frame),
     ("arp", arp),
