@@ -152,7 +152,7 @@ fn udp_payload(packet: &[u8], port: u16) -> Option<Vec<u8>> {
 fn udp_payload_from(packet: &[u8], port: u16) -> Option<Vec<u8>> {
     let ihl = usize::from(packet.first()? & 0x0f) * 4;
     let udp = packet.get(ihl..)?;
-    let from = u16::from_be_bytes([*udp.get(0)?, *udp.get(1)?]);
+    let from = u16::from_be_bytes([*udp.first()?, *udp.get(1)?]);
     (*packet.get(9)? == 17 && from == port).then(|| udp.get(8..).map(<[u8]>::to_vec))?
 }
 
