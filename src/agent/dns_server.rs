@@ -54,9 +54,9 @@ pub struct DnsError {
     source: std::io::Error,
 }
 
-/// What was refused or ignored, for the debug log.
+/// What was refused or ignored: in the debug log and `meshctl status`.
 #[derive(Debug, Default)]
-struct Counters {
+pub struct Counters {
     rate_limited: AtomicU64,
     forwards_busy: AtomicU64,
     tcp_refused: AtomicU64,
@@ -64,6 +64,19 @@ struct Counters {
 }
 
 impl Counters {
+    /// The counters that are not zero, by the name `meshctl status` shows.
+    pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        [
+            ("dns_rate_limited", &self.rate_limited),
+            ("dns_forwards_busy", &self.forwards_busy),
+            ("dns_tcp_refused", &self.tcp_refused),
+            ("dns_upstream_mismatch", &self.upstream_mismatch),
+        ]
+        .into_iter()
+        .map(|(name, c)| (name, c.load(Ordering::Relaxed)))
+        .filter(|(_, n)| *n > 0)
+    }
+
     fn count(counter: &AtomicU64, what: &str) {
         let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(total = n, "dns: {what}");
@@ -81,7 +94,7 @@ struct Shared {
     tcp: Mutex<TcpSlots>,
     forwards: Arc<Semaphore>,
     rotation: AtomicUsize,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 /// The upstream servers of the host's /etc/resolv.conf, without the
@@ -102,7 +115,7 @@ pub async fn serve(
     zone: watch::Receiver<Arc<Zone>>,
     upstreams: Vec<SocketAddr>,
     subnet: Ipv4Net,
-) -> Result<(), DnsError> {
+) -> Result<Arc<Counters>, DnsError> {
     let at = SocketAddr::new(SERVICE_ADDRESS.into(), 53);
     let udp = UdpSocket::bind(at).await.map_err(|source| DnsError {
         transport: "UDP",
@@ -132,11 +145,12 @@ pub async fn serve(
         tcp: Mutex::new(TcpSlots::default()),
         forwards: Arc::new(Semaphore::new(MAX_UDP_FORWARDS)),
         rotation: AtomicUsize::new(0),
-        counters: Counters::default(),
+        counters: Arc::default(),
     });
+    let counters = shared.counters.clone();
     tokio::spawn(serve_tcp(tcp, shared.clone()));
     tokio::spawn(serve_udp(Arc::new(udp), shared));
-    Ok(())
+    Ok(counters)
 }
 
 /// What to do with one query.

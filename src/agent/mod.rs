@@ -126,7 +126,7 @@ pub async fn run(
         .upstream
         .clone()
         .unwrap_or_else(dns_server::system_upstreams);
-    dns_server::serve(sync.zone.clone(), upstreams, config.subnet).await?;
+    let dns_counters = dns_server::serve(sync.zone.clone(), upstreams, config.subnet).await?;
     let mut control = ControlSocket::bind(&config.control_socket)?;
     let (control_tx, control_rx) = mpsc::channel(16);
     let uapi = uapi_server::serve(
@@ -167,6 +167,7 @@ pub async fn run(
         sync_in: sync.inbound,
         sync_out: sync.outbound,
         sync_refused: sync.refused,
+        dns_counters,
     };
     let mut shell = shell;
     shell.publish_records();
@@ -208,6 +209,7 @@ struct Shell {
     /// Records-sync messages to seal for a peer, from the sync task.
     sync_out: mpsc::Receiver<crate::dns::sync::Transmit>,
     sync_refused: Arc<AtomicU64>,
+    dns_counters: Arc<dns_server::Counters>,
 }
 
 /// The packet task's ends of the records sync.
@@ -438,6 +440,7 @@ impl Shell {
                         .filter(|n| *n > 0)
                         .map(|n| ("sync_refused".to_owned(), n)),
                 )
+                .chain(self.dns_counters.nonzero().map(|(r, n)| (r.to_owned(), n)))
                 .collect(),
         }
     }
