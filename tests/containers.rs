@@ -280,6 +280,16 @@ fn bad_attaches_are_refused_clearly_and_leave_nothing_half_made() {
         "outside this host's subnet",
     );
     refuse(&["--netns", &c2, "--name", "bad name"], "not valid");
+    refuse(
+        &["--netns", &c2, "--name", "h1", "--stack", "hosts"],
+        "reserved for host names",
+    );
+    let mut ports = vec!["--netns", &c2, "--name", "x", "--service", "s"];
+    let many: Vec<String> = (1..=9).map(|i| format!("p{i}:{i}/tcp")).collect();
+    for p in &many {
+        ports.extend(["--port", p]);
+    }
+    refuse(&ports, "at most 8");
 
     // A failure half-way through the plumbing is rolled back.
     let dummy = meshnet::testbed::exec_in(
@@ -349,4 +359,35 @@ fn attach_in_tun_mode_says_what_is_needed() {
         String::from_utf8_lossy(&out.stderr).contains("needs mode = \"tap\""),
         "{out:?}"
     );
+}
+
+#[test]
+fn an_attach_whose_state_cannot_be_saved_is_rolled_back() {
+    let mut bed = tap_mesh("nosave");
+    let c1 = bed.add_container_ns(0, "c1").unwrap();
+    // The agent writes containers.json through containers.json.tmp: a
+    // directory in its place makes every save fail.
+    let state = bed.dir().join("h1-state");
+    std::fs::create_dir_all(state.join("containers.json.tmp")).unwrap();
+    let out = bed
+        .meshctl(0, &["attach", "--netns", &c1, "--name", "web"])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attached without saving");
+    assert!(err.contains("rolled back"), "{err}");
+    assert!(bed.containers(0).unwrap().is_empty());
+    assert!(
+        wait_until(Duration::from_secs(5), || !host_links(&bed, 0)
+            .contains("mv0a2a")),
+        "the veth of a rolled-back attach stayed:\n{}",
+        host_links(&bed, 0)
+    );
+    // Once the state can be written again, the same attach works.
+    std::fs::remove_dir(state.join("containers.json.tmp")).unwrap();
+    assert_eq!(
+        bed.attach(0, &c1, "web", &[]).unwrap(),
+        Ipv4Addr::new(10, 42, 1, 2)
+    );
+    let saved = std::fs::read_to_string(state.join("containers.json")).unwrap();
+    assert!(saved.contains("\"web\""), "{saved}");
 }

@@ -2,10 +2,12 @@
 //! IPAM table with its persistence, and restoring both after a restart.
 //!
 //! An attach reserves its address first (so concurrent attaches cannot
-//! collide), runs the `ip` plumbing in a task of its own, and is committed
-//! (neighbour entry, state file) or rolled back when the task reports.
-//! Must never: persist a container whose link was not made, or leave a
-//! reservation behind when an attach fails.
+//! collide), runs the `ip` plumbing in a task of its own, then saves the
+//! table and writes the container's resolv.conf off the packet task, and
+//! is committed (neighbour entry, records) or rolled back when that
+//! reports. Must never: persist a container whose link was not made, leave
+//! a reservation behind when an attach fails, or write a file on the
+//! packet task.
 
 use std::collections::HashSet;
 
@@ -13,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::netops::{self, ContainerLink, NetopsError};
-use super::state::{StateError, StateFile};
+use super::state::{StateError, StateFile, StateWriter};
 use super::{AgentError, Shell};
 use crate::config::Config;
 use crate::control::{AttachRequest, Response};
@@ -21,14 +23,15 @@ use crate::core::Node;
 use crate::core::ethernet::Mac;
 use crate::core::ipam::{Container, DEFAULT_STACK, Ipam, check_netns_name};
 use crate::core::isolation::Port;
-use crate::membership::is_dns_label;
 
 pub struct Containers {
     ipam: Ipam,
-    state: StateFile,
+    writer: StateWriter,
     bridge: String,
     mtu: u16,
     prefix: u8,
+    /// The cluster's DNS domain: names must fit in it.
+    domain: String,
     /// Namespaces with an attach or detach under way.
     busy: HashSet<String>,
 }
@@ -43,6 +46,18 @@ pub enum OpDone {
     Detached {
         container: Container,
         result: Result<(), NetopsError>,
+        reply: oneshot::Sender<Response>,
+    },
+    /// The table with an attached container is saved (or not).
+    AttachSaved {
+        container: Container,
+        saved: Result<(), StateError>,
+        reply: oneshot::Sender<Response>,
+    },
+    /// The table without a detached container is saved (or not).
+    DetachSaved {
+        container: Container,
+        saved: Result<(), StateError>,
         reply: oneshot::Sender<Response>,
     },
 }
@@ -76,15 +91,18 @@ impl Containers {
             netops::enslave(&c.host_veth, &config.bridge).await?;
             node.set_neighbour(c.address, c.mac);
         }
+        let state = StateFile::in_dir(&config.state_dir);
+        // Before the agent serves anything: the one write allowed here.
+        state.save(ipam.containers())?;
         let containers = Self {
             ipam,
-            state: StateFile::in_dir(&config.state_dir),
+            writer: StateWriter::start(state),
             bridge: config.bridge.clone(),
             mtu,
             prefix: config.overlay.prefix_len(),
+            domain: config.dns.domain.clone(),
             busy: HashSet::new(),
         };
-        containers.save()?;
         info!(
             containers = containers.ipam.containers().count(),
             "containers restored"
@@ -96,25 +114,10 @@ impl Containers {
         self.ipam.containers().cloned().collect()
     }
 
-    fn save(&self) -> Result<(), StateError> {
-        self.state.save(self.ipam.containers())
-    }
-
     /// Checks an attach request and reserves its address.
     fn reserve(&mut self, req: AttachRequest) -> Result<Container, String> {
         check_netns_name(&req.netns).map_err(|e| e.to_string())?;
         let stack = req.stack.unwrap_or_else(|| DEFAULT_STACK.to_owned());
-        for (what, label) in [
-            ("container name", Some(&req.name)),
-            ("stack", Some(&stack)),
-            ("service", req.service.as_ref()),
-        ] {
-            if let Some(label) = label.filter(|l| !is_dns_label(l)) {
-                return Err(format!(
-                    "{what} {label:?} is not valid: use 1-63 letters, digits or '-'"
-                ));
-            }
-        }
         if !netops::netns_exists(&req.netns) {
             return Err(NetopsError::NoNamespace(req.netns).to_string());
         }
@@ -133,6 +136,23 @@ impl Containers {
             return Err(
                 "--port needs --service: ports are published as SRV records of the service".into(),
             );
+        }
+        // What every peer will check before publishing this container.
+        let record = crate::dns::ContainerRecord {
+            name: req.name.clone(),
+            stack: stack.clone(),
+            service: req.service.clone(),
+            address: crate::membership::host_address(self.ipam.subnet()),
+            ports: ports.clone(),
+        };
+        record
+            .validate(&self.domain, self.ipam.subnet())
+            .map_err(|e| e.to_string())?;
+        if self.ipam.containers().count() >= crate::dns::records::MAX_CONTAINERS_PER_HOST {
+            return Err(crate::dns::records::RecordError::TooManyContainers(
+                crate::dns::records::MAX_CONTAINERS_PER_HOST + 1,
+            )
+            .to_string());
         }
         let address = self.ipam.choose(req.ip).map_err(|e| e.to_string())?;
         let container = Container {
@@ -234,54 +254,98 @@ impl Shell {
         let (response, reply) = match done {
             OpDone::Attached {
                 container,
-                result,
+                result: Ok(()),
+                reply,
+            } => {
+                let save = containers.writer.clone();
+                let table = containers.list();
+                let domain = self.config.dns.domain.clone();
+                let ops = self.ops.clone();
+                tokio::spawn(async move {
+                    let saved = save.save(table).await;
+                    if saved.is_ok() {
+                        write_resolv_conf_off_task(&container, domain).await;
+                    }
+                    let done = OpDone::AttachSaved {
+                        container,
+                        saved,
+                        reply,
+                    };
+                    report(&ops, done).await;
+                });
+                return;
+            }
+            OpDone::Attached {
+                container,
+                result: Err(e),
                 reply,
             } => {
                 containers.busy.remove(&container.netns);
-                let response = match result.map_err(|e| e.to_string()).and_then(|()| {
-                    containers
-                        .save()
-                        .map_err(|e| format!("attached, but {e}; rolled back"))
-                }) {
+                containers.ipam.release(&container.netns);
+                (Response::Error(e.to_string()), reply)
+            }
+            OpDone::AttachSaved {
+                container,
+                saved,
+                reply,
+            } => {
+                containers.busy.remove(&container.netns);
+                let response = match saved {
                     Ok(()) => {
-                        if let Err(e) = write_resolv_conf(
-                            &container.netns,
-                            &container.stack,
-                            &self.config.dns.domain,
-                        ) {
-                            warn!(container = %container.name, error = %e, "cannot write the container's resolv.conf");
-                        }
                         self.node.set_neighbour(container.address, container.mac);
                         info!(container = %container.name, stack = %container.stack, address = %container.address, "container attached");
                         Response::Container(container)
                     }
-                    Err(msg) => {
+                    Err(e) => {
                         containers.ipam.release(&container.netns);
                         let veth = container.host_veth.clone();
                         tokio::spawn(async move { netops::detach(&veth).await });
-                        Response::Error(msg)
+                        Response::Error(format!("attached, but {e}; rolled back"))
                     }
                 };
                 (response, reply)
             }
             OpDone::Detached {
                 container,
-                result,
+                result: Ok(()),
+                reply,
+            } => {
+                containers.ipam.release(&container.netns);
+                self.node.remove_neighbour(container.address);
+                info!(container = %container.name, address = %container.address, "container detached");
+                let save = containers.writer.clone();
+                let table = containers.list();
+                let ops = self.ops.clone();
+                tokio::spawn(async move {
+                    let saved = save.save(table).await;
+                    let netns = container.netns.clone();
+                    let _ = tokio::task::spawn_blocking(move || remove_resolv_conf(&netns)).await;
+                    let done = OpDone::DetachSaved {
+                        container,
+                        saved,
+                        reply,
+                    };
+                    report(&ops, done).await;
+                });
+                return;
+            }
+            OpDone::Detached {
+                container,
+                result: Err(e),
                 reply,
             } => {
                 containers.busy.remove(&container.netns);
-                let response = match result {
-                    Ok(()) => {
-                        containers.ipam.release(&container.netns);
-                        self.node.remove_neighbour(container.address);
-                        remove_resolv_conf(&container.netns);
-                        info!(container = %container.name, address = %container.address, "container detached");
-                        match containers.save() {
-                            Ok(()) => Response::Container(container),
-                            Err(e) => Response::Error(format!("detached, but {e}")),
-                        }
-                    }
-                    Err(e) => Response::Error(e.to_string()),
+                (Response::Error(e.to_string()), reply)
+            }
+            OpDone::DetachSaved {
+                container,
+                saved,
+                reply,
+            } => {
+                containers.busy.remove(&container.netns);
+                let response = match saved {
+                    Ok(()) => Response::Container(container),
+                    Err(e) => Response::Error(format!("detached, but {e}")),
                 };
                 (response, reply)
             }
@@ -343,6 +407,21 @@ async fn install_filter(ipam: &mut Ipam) -> Result<(), NetopsError> {
     netops::install_filter(&ports).await?;
     info!(ports = ports.len(), "bridge filter installed");
     Ok(())
+}
+
+/// Writes the container's resolv.conf on the blocking pool; a failure is
+/// logged (the container works, it just lacks the search list).
+async fn write_resolv_conf_off_task(container: &Container, domain: String) {
+    let (netns, stack, name) = (
+        container.netns.clone(),
+        container.stack.clone(),
+        container.name.clone(),
+    );
+    let written =
+        tokio::task::spawn_blocking(move || write_resolv_conf(&netns, &stack, &domain)).await;
+    if let Ok(Err(e)) = written {
+        warn!(container = %name, error = %e, "cannot write the container's resolv.conf");
+    }
 }
 
 /// The container's resolver: `ip netns exec` binds /etc/netns/NS/resolv.conf

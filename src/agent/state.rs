@@ -11,6 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::core::ipam::Container;
 
@@ -110,6 +111,56 @@ impl StateFile {
     }
 }
 
+/// Writes the container table off the packet task: one write at a time,
+/// in the order they were asked for, each on the blocking pool, so the
+/// file always ends with the newest table and an fsync never stalls
+/// packets.
+#[derive(Clone)]
+pub struct StateWriter {
+    jobs: mpsc::Sender<SaveJob>,
+}
+
+struct SaveJob {
+    containers: Vec<Container>,
+    done: oneshot::Sender<Result<(), StateError>>,
+}
+
+impl StateWriter {
+    pub fn start(state: StateFile) -> Self {
+        let (jobs, mut queue) = mpsc::channel::<SaveJob>(64);
+        tokio::spawn(async move {
+            while let Some(job) = queue.recv().await {
+                let file = state.clone();
+                let containers = job.containers;
+                let written = tokio::task::spawn_blocking(move || file.save(containers.iter()))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(StateError::Write {
+                            path: state.path.clone(),
+                            reason: e.to_string(),
+                        })
+                    });
+                let _ = job.done.send(written);
+            }
+        });
+        Self { jobs }
+    }
+
+    /// Saves `containers` as the whole table, once earlier saves are done.
+    pub async fn save(&self, containers: Vec<Container>) -> Result<(), StateError> {
+        let (done, result) = oneshot::channel();
+        let gone = || StateError::Write {
+            path: PathBuf::from("(state writer)"),
+            reason: "the agent is shutting down".into(),
+        };
+        self.jobs
+            .send(SaveJob { containers, done })
+            .await
+            .map_err(|_| gone())?;
+        result.await.unwrap_or_else(|_| Err(gone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -153,5 +204,27 @@ mod tests {
         assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
         std::fs::write(state.path(), r#"{"version": 9, "containers": []}"#).unwrap();
         assert!(state.load().unwrap_err().to_string().contains("version 9"));
+    }
+
+    #[tokio::test]
+    async fn the_writer_saves_in_order_and_reports_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = StateWriter::start(StateFile::in_dir(dir.path()));
+        let (a, b) = (writer.clone(), writer.clone());
+        let first = a.save(vec![container(2)]);
+        let second = b.save(vec![container(2), container(3)]);
+        let (r1, r2) = tokio::join!(first, second);
+        r1.unwrap();
+        r2.unwrap();
+        let saved = StateFile::in_dir(dir.path()).load().unwrap();
+        assert_eq!(
+            saved,
+            vec![container(2), container(3)],
+            "the later table wins"
+        );
+        let blocked = dir.path().join("not-a-dir");
+        std::fs::write(&blocked, "").unwrap();
+        let failing = StateWriter::start(StateFile::in_dir(&blocked));
+        assert!(failing.save(vec![container(4)]).await.is_err());
     }
 }

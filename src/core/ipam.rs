@@ -108,6 +108,11 @@ impl Ipam {
         }
     }
 
+    /// The block addresses are chosen from.
+    pub fn subnet(&self) -> Ipv4Net {
+        self.subnet
+    }
+
     /// Rebuilds the table from persisted records, refusing any record
     /// that breaks a rule (it is returned with the reason, for logging).
     pub fn restore(
