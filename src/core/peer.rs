@@ -80,6 +80,8 @@ pub(crate) struct Peer {
     failure: Option<Failure>,
     /// boringtun holds packets queued behind a handshake.
     queued: bool,
+    /// When we last answered a stale initiation with one of our own.
+    countered_at: Option<Instant>,
     span: tracing::Span,
 }
 
@@ -110,6 +112,7 @@ impl Peer {
             dropped: 0,
             failure: None,
             queued: false,
+            countered_at: None,
             span,
         }
     }
@@ -236,6 +239,9 @@ impl Peer {
             }
             TunnResult::Err(e) => {
                 trace!(parent: &self.span, error = ?e, "rejected datagram");
+                if kind == MSG_INITIATION && matches!(e, WireGuardError::WrongTai64nTimestamp) {
+                    self.counter_stale_initiation(now, out);
+                }
                 // A response to an initiation since replaced (crossing
                 // handshakes, a late retransmission) is "unexpected"; only
                 // one that matches our initiation and still fails to
@@ -323,6 +329,32 @@ impl Peer {
 
     fn has_session(&self) -> bool {
         self.tunn.time_since_last_handshake().is_some()
+    }
+
+    /// The peer proved it holds its key (the initiation's timestamp
+    /// decrypted) but stamped it earlier than one we already accepted: it
+    /// restarted with its clock set back (or this is a replay). Its
+    /// initiations will fail until its clock passes the old stamp, hours
+    /// perhaps; ours carry our own clock, so we initiate instead, at most
+    /// once per REKEY_TIMEOUT. A replay can make us do no more than that,
+    /// to the endpoint we already know.
+    fn counter_stale_initiation(&mut self, now: Instant, out: &mut Outbox) {
+        if self
+            .countered_at
+            .is_some_and(|t| now.saturating_duration_since(t) < super::liveness::REKEY_TIMEOUT)
+        {
+            return;
+        }
+        self.countered_at = Some(now);
+        tracing::debug!(parent: &self.span, "the peer's handshake is stamped in our past (clock set back?): initiating instead");
+        let Some(to) = self.endpoint else { return };
+        let room = out.spare(MIN_ROOM);
+        let start = room.as_ptr();
+        if let TunnResult::WriteToNetwork(msg) = self.tunn.format_handshake_initiation(room, true) {
+            let placed = Placed::within(start, msg);
+            self.liveness.on_initiation_sent(now);
+            out.commit_network(to, placed);
+        }
     }
 
     fn initiate(&mut self, now: Instant, out: &mut Outbox) {

@@ -917,3 +917,43 @@ fn a_handshake_flood_from_one_source_is_dropped_before_any_crypto() {
     sim.run();
     assert_eq!(sim.status(0, "h1").state, PeerState::Up);
 }
+
+#[test]
+fn an_initiation_stamped_in_our_past_is_answered_by_initiating() {
+    let defs = three_hosts();
+    let mut sim = Sim::mesh(&defs, None);
+    // h1 as a raw session: two initiations, the older sent last, as from
+    // a restart whose clock went back.
+    let mut h1 = Tunn::new(
+        defs[1].key.to_x25519(),
+        defs[0].key.public_key().to_x25519(),
+        None,
+        None,
+        7,
+        None,
+    );
+    let mut buf = [0u8; 256];
+    let older = match h1.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(m) => m.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    let newer = match h1.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(m) => m.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    let from: SocketAddr = defs[1].addr.parse().unwrap();
+    let initiations_to_h1 = |h: &Host| {
+        h.out
+            .network()
+            .filter(|(to, d)| *to == from && d.first() == Some(&1))
+            .count()
+    };
+    let h = &mut sim.hosts[0];
+    h.node.handle_datagram(sim.now, from, &newer, &mut h.out);
+    h.out.clear();
+    h.node.handle_datagram(sim.now, from, &older, &mut h.out);
+    assert_eq!(initiations_to_h1(h), 1, "h0 initiates itself");
+    h.out.clear();
+    h.node.handle_datagram(sim.now, from, &older, &mut h.out);
+    assert_eq!(initiations_to_h1(h), 0, "at most once per REKEY_TIMEOUT");
+}
