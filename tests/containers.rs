@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use meshnet::config::Mode;
 use meshnet::core::PeerState;
-use meshnet::core::ethernet::Mac;
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
+use meshnet::testbed::{Binaries, MeshOptions, Testbed, neighbour_mac, wait_until};
 
 fn bins() -> Binaries {
     Binaries {
@@ -29,13 +28,7 @@ fn tap_mesh(tag: &str) -> Testbed {
     };
     let mut bed = Testbed::new(tag, &options, bins()).expect("building the testbed");
     bed.start_all().expect("starting agents");
-    let up = wait_until(Duration::from_secs(15), || {
-        (0..2).all(|i| {
-            bed.peers(i)
-                .is_ok_and(|p| p.iter().all(|p| p.state == PeerState::Up))
-        })
-    });
-    assert!(up, "mesh did not come up:\n{}", bed.log(0));
+    bed.wait_all_up(Duration::from_secs(15)).unwrap();
     bed
 }
 
@@ -64,21 +57,6 @@ fn ping(bed: &Testbed, ns: &str, to: Ipv4Addr) -> bool {
 }
 
 /// The MAC `ns` has cached for `addr`.
-fn neighbour(ns: &str, addr: Ipv4Addr) -> Option<Mac> {
-    let out = meshnet::testbed::exec_in(ns, &["ip", "neigh", "show", &addr.to_string()]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut words = text.split_whitespace();
-    words.find(|w| *w == "lladdr")?;
-    words.next()?.parse().ok()
-}
-
-fn agent_mac(bed: &Testbed, i: usize) -> Mac {
-    bed.status(i)
-        .unwrap()
-        .agent_mac
-        .expect("a TAP agent reports its MAC")
-}
-
 fn host_links(bed: &Testbed, i: usize) -> String {
     String::from_utf8_lossy(&bed.exec(i, &["ip", "-o", "link"]).unwrap().stdout).into_owned()
 }
@@ -118,15 +96,15 @@ fn containers_on_different_hosts_reach_each_other_through_proxy_arp() {
     );
 
     // A remote container sits at the agent's MAC; a local one at its own.
-    assert_eq!(neighbour(&c1, a2), Some(agent_mac(&bed, 0)));
+    assert_eq!(neighbour_mac(&c1, a2), Some(bed.agent_mac(0).unwrap()));
     let db = bed
         .containers(0)
         .unwrap()
         .into_iter()
         .find(|c| c.name == "db")
         .unwrap();
-    assert_eq!(neighbour(&c1, a3), Some(db.mac));
-    assert_ne!(db.mac, agent_mac(&bed, 0));
+    assert_eq!(neighbour_mac(&c1, a3), Some(db.mac));
+    assert_ne!(db.mac, bed.agent_mac(0).unwrap());
 
     // A container that takes another local address gets nowhere with it.
     let add =

@@ -11,7 +11,6 @@
 use std::time::Duration;
 
 use meshnet::config::Mode;
-use meshnet::core::PeerState;
 use meshnet::testbed::dns::{self, Dnsmasq, UPSTREAM};
 use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
 
@@ -66,12 +65,7 @@ fn cluster_with(tag: &str, dns_extra: &str) -> Cluster {
     }
     let upstream = Dnsmasq::start(&bed).unwrap();
     bed.start_all().unwrap();
-    assert!(wait_until(Duration::from_secs(15), || {
-        (0..2).all(|i| {
-            bed.peers(i)
-                .is_ok_and(|p| p.iter().all(|p| p.state == PeerState::Up))
-        })
-    }));
+    bed.wait_all_up(Duration::from_secs(15)).unwrap();
     let c1 = bed.add_container_ns(0, "c1").unwrap();
     let c2 = bed.add_container_ns(1, "c2").unwrap();
     let c3 = bed.add_container_ns(1, "c3").unwrap();

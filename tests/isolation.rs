@@ -13,9 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshnet::config::Mode;
-use meshnet::core::PeerState;
 use meshnet::core::ethernet::Mac;
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
+use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, neighbour_mac, wait_until};
 
 const SERVICE: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 250);
 
@@ -44,13 +43,7 @@ fn tap_mesh(tag: &str) -> Testbed {
     };
     let mut bed = Testbed::new(tag, &options, bins()).expect("building the testbed");
     bed.start_all().expect("starting agents");
-    let up = wait_until(Duration::from_secs(15), || {
-        (0..2).all(|i| {
-            bed.peers(i)
-                .is_ok_and(|p| p.iter().all(|p| p.state == PeerState::Up))
-        })
-    });
-    assert!(up, "mesh did not come up:\n{}", bed.log(0));
+    bed.wait_all_up(Duration::from_secs(15)).unwrap();
     bed
 }
 
@@ -73,18 +66,6 @@ fn run(ns: &str, args: &[&str]) {
 }
 
 /// The MAC `ns` has cached for `addr`.
-fn neighbour(ns: &str, addr: Ipv4Addr) -> Option<Mac> {
-    let out = exec_in(ns, &["ip", "neigh", "show", &addr.to_string()]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut words = text.split_whitespace();
-    words.find(|w| *w == "lladdr")?;
-    words.next()?.parse().ok()
-}
-
-fn agent_mac(bed: &Testbed, i: usize) -> Mac {
-    bed.status(i).unwrap().agent_mac.expect("a TAP agent")
-}
-
 fn filter_table(bed: &Testbed, i: usize) -> String {
     let out = bed
         .exec(i, &["nft", "list", "table", "bridge", "meshnet"])
@@ -147,13 +128,13 @@ fn forged_arp_replies_do_not_move_a_neighbours_entries() {
     let a = bed.attach(0, &attacker, "att", &[]).unwrap();
     let v = bed.attach(0, &victim, "vic", &[]).unwrap();
     let r = bed.attach(1, &remote, "rem", &[]).unwrap();
-    let agent = agent_mac(&bed, 0);
+    let agent = bed.agent_mac(0).unwrap();
     let (a_mac, v_mac) = (Mac::of_container(a), Mac::of_container(v));
     assert!(pings(&victim, SERVICE, None, 2), "victim reaches DNS");
     assert!(pings(&victim, r, None, 2), "victim reaches the remote");
     assert!(pings(&attacker, v, None, 2), "neighbours reach each other");
-    assert_eq!(neighbour(&victim, SERVICE), Some(agent));
-    assert_eq!(neighbour(&victim, r), Some(agent));
+    assert_eq!(neighbour_mac(&victim, SERVICE), Some(agent));
+    assert_eq!(neighbour_mac(&victim, r), Some(agent));
 
     // Unsolicited replies to the victim and gratuitous broadcasts, from
     // the attacker's own MAC and from the agent's, for both addresses; 3 s
@@ -189,12 +170,12 @@ fn forged_arp_replies_do_not_move_a_neighbours_entries() {
     }
 
     assert_eq!(
-        neighbour(&victim, SERVICE),
+        neighbour_mac(&victim, SERVICE),
         Some(agent),
         "the victim's DNS moved"
     );
     assert_eq!(
-        neighbour(&victim, r),
+        neighbour_mac(&victim, r),
         Some(agent),
         "the victim's remote neighbour moved"
     );
@@ -312,7 +293,7 @@ fn the_host_is_out_of_reach_but_its_dns_answers() {
         "DNS at 169.254.169.250 did not answer:\n{}",
         bed.log(0)
     );
-    assert_eq!(neighbour(&c1, SERVICE), Some(agent_mac(&bed, 0)));
+    assert_eq!(neighbour_mac(&c1, SERVICE), Some(bed.agent_mac(0).unwrap()));
     for name in ["web", "c1"] {
         let out = exec_in(&c1, &["dig", "+search", "+short", "+time=1", name]).unwrap();
         assert!(

@@ -13,7 +13,6 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshnet::config::Mode;
-use meshnet::core::PeerState;
 use meshnet::dns::ContainerRecord;
 use meshnet::dns::sync::{MAX_PARTS, Message, SYNC_PORT, Stamp, encode_snapshot};
 use meshnet::testbed::{
@@ -29,15 +28,6 @@ fn bins() -> Binaries {
 
 const H1: Ipv4Addr = Ipv4Addr::new(10, 42, 1, 1);
 const H2: Ipv4Addr = Ipv4Addr::new(10, 42, 2, 1);
-
-fn all_up(bed: &Testbed, hosts: usize) -> bool {
-    wait_until(Duration::from_secs(15), || {
-        (0..hosts).all(|i| {
-            bed.peers(i)
-                .is_ok_and(|p| p.iter().all(|p| p.state == PeerState::Up))
-        })
-    })
-}
 
 /// The A records host `i` serves for `name` (without the domain).
 fn addresses(bed: &Testbed, i: usize, name: &str) -> Vec<String> {
@@ -108,7 +98,7 @@ fn a_container_holding_a_peers_address_cannot_speak_for_it() {
     };
     let mut bed = Testbed::new("syncforge", &options, bins()).unwrap();
     bed.start_all().unwrap();
-    assert!(all_up(&bed, 2), "mesh did not come up:\n{}", bed.log(0));
+    bed.wait_all_up(Duration::from_secs(15)).unwrap();
     let c1 = bed.add_container_ns(0, "c1").unwrap();
     let c2 = bed.add_container_ns(1, "c2").unwrap();
     bed.attach(0, &c1, "evil", &["--stack", "shop"]).unwrap();
@@ -345,7 +335,7 @@ fn a_peer_removed_from_membership_loses_its_records_at_once() {
     };
     let mut bed = Testbed::new("syncgone", &options, bins()).unwrap();
     bed.start_all().unwrap();
-    assert!(all_up(&bed, 3), "mesh did not come up:\n{}", bed.log(0));
+    bed.wait_all_up(Duration::from_secs(15)).unwrap();
     let c2 = bed.add_container_ns(1, "c2").unwrap();
     let c3 = bed.add_container_ns(2, "c3").unwrap();
     bed.attach(1, &c2, "two", &[]).unwrap();

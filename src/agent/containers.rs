@@ -36,6 +36,13 @@ pub struct Containers {
     busy: HashSet<String>,
 }
 
+/// What a background save is for.
+#[derive(Clone, Copy)]
+enum Change {
+    Attached,
+    Detached,
+}
+
 /// A finished background operation, with the client waiting for it.
 pub enum OpDone {
     Attached {
@@ -256,25 +263,7 @@ impl Shell {
                 container,
                 result: Ok(()),
                 reply,
-            } => {
-                let save = containers.writer.clone();
-                let table = containers.list();
-                let domain = self.config.dns.domain.clone();
-                let ops = self.ops.clone();
-                tokio::spawn(async move {
-                    let saved = save.save(table).await;
-                    if saved.is_ok() {
-                        write_resolv_conf_off_task(&container, domain).await;
-                    }
-                    let done = OpDone::AttachSaved {
-                        container,
-                        saved,
-                        reply,
-                    };
-                    report(&ops, done).await;
-                });
-                return;
-            }
+            } => return self.save_in_background(container, reply, Change::Attached),
             OpDone::Attached {
                 container,
                 result: Err(e),
@@ -313,21 +302,7 @@ impl Shell {
                 containers.ipam.release(&container.netns);
                 self.node.remove_neighbour(container.address);
                 info!(container = %container.name, address = %container.address, "container detached");
-                let save = containers.writer.clone();
-                let table = containers.list();
-                let ops = self.ops.clone();
-                tokio::spawn(async move {
-                    let saved = save.save(table).await;
-                    let netns = container.netns.clone();
-                    let _ = tokio::task::spawn_blocking(move || remove_resolv_conf(&netns)).await;
-                    let done = OpDone::DetachSaved {
-                        container,
-                        saved,
-                        reply,
-                    };
-                    report(&ops, done).await;
-                });
-                return;
+                return self.save_in_background(container, reply, Change::Detached);
             }
             OpDone::Detached {
                 container,
@@ -354,6 +329,47 @@ impl Shell {
         // resolves on this host as soon as `meshctl attach` returns.
         let version = self.publish_records();
         self.reply_once_published(version, reply, response);
+    }
+
+    /// Saves the table as it is now, then writes or removes the
+    /// container's resolv.conf, all off the packet task, and reports back
+    /// (`AttachSaved` or `DetachSaved`) to commit or roll back.
+    fn save_in_background(
+        &self,
+        container: Container,
+        reply: oneshot::Sender<Response>,
+        change: Change,
+    ) {
+        let Some(containers) = self.containers.as_ref() else {
+            return;
+        };
+        let (writer, table) = (containers.writer.clone(), containers.list());
+        let (domain, ops) = (self.config.dns.domain.clone(), self.ops.clone());
+        tokio::spawn(async move {
+            let saved = writer.save(table).await;
+            let done = match change {
+                Change::Attached => {
+                    if saved.is_ok() {
+                        write_resolv_conf_off_task(&container, domain).await;
+                    }
+                    OpDone::AttachSaved {
+                        container,
+                        saved,
+                        reply,
+                    }
+                }
+                Change::Detached => {
+                    let netns = container.netns.clone();
+                    let _ = tokio::task::spawn_blocking(move || remove_resolv_conf(&netns)).await;
+                    OpDone::DetachSaved {
+                        container,
+                        saved,
+                        reply,
+                    }
+                }
+            };
+            report(&ops, done).await;
+        });
     }
 
     /// Tells the record sync what this host now publishes; returns the

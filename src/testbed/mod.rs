@@ -27,7 +27,7 @@ pub mod measure;
 
 use crate::config::Mode;
 use crate::control::{self, Request, Response};
-use crate::core::PeerStatus;
+use crate::core::{PeerState, PeerStatus};
 use crate::keys::PrivateKey;
 
 /// Every testbed namespace starts with this, then the owning pid.
@@ -367,6 +367,29 @@ impl Testbed {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until every running agent reports every tunnel up; fails after
+    /// `timeout` with the first host's log.
+    pub fn wait_all_up(&self, timeout: Duration) -> Result<()> {
+        let hosts: Vec<usize> = (0..self.hosts.len())
+            .filter(|i| self.agent_pid(*i).is_some())
+            .collect();
+        let up = wait_until(timeout, || {
+            hosts.iter().all(|i| {
+                self.peers(*i)
+                    .is_ok_and(|p| p.iter().all(|p| p.state == PeerState::Up))
+            })
+        });
+        ensure!(up, "the mesh did not come up:\n{}", self.log(0));
+        Ok(())
+    }
+
+    /// Host `i`'s agent MAC (TAP mode), through its status.
+    pub fn agent_mac(&self, i: usize) -> Result<crate::core::ethernet::Mac> {
+        self.status(i)?
+            .agent_mac
+            .context("the agent reports no MAC: is it in TAP mode?")
     }
 
     /// Host `i`'s status, through the control socket.
@@ -776,6 +799,15 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The MAC namespace `ns` has in its neighbour table for `addr`, if any.
+pub fn neighbour_mac(ns: &str, addr: Ipv4Addr) -> Option<crate::core::ethernet::Mac> {
+    let out = exec_in(ns, &["ip", "neigh", "show", &addr.to_string()]).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "lladdr")?;
+    words.next()?.parse().ok()
 }
 
 /// Runs `f` inside network namespace `ns`, on a thread of its own (a

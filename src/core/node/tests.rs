@@ -836,6 +836,31 @@ fn simultaneous_initiations_with_queued_packets_converge() {
     assert_eq!(sim.hosts[0].node.drops().get(DropReason::Rejected), 0);
 }
 
+/// h1's side of the mesh as a bare boringtun session toward h0, to craft
+/// initiations the way a peer would (each with a fresh timestamp).
+struct RawPeer(Tunn);
+
+impl RawPeer {
+    fn of(defs: &[HostDef], from: usize, to: usize) -> Self {
+        Self(Tunn::new(
+            defs[from].key.to_x25519(),
+            defs[to].key.public_key().to_x25519(),
+            None,
+            None,
+            7,
+            None,
+        ))
+    }
+
+    fn initiation(&mut self) -> Vec<u8> {
+        let mut buf = [0u8; 256];
+        match self.0.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(m) => m.to_vec(),
+            _ => panic!("no initiation"),
+        }
+    }
+}
+
 #[test]
 fn each_initiation_counts_once_against_the_handshake_limit() {
     let defs = three_hosts();
@@ -844,14 +869,7 @@ fn each_initiation_counts_once_against_the_handshake_limit() {
     // second: the first HANDSHAKE_RATE_LIMIT are all answered, none with
     // a cookie (each used to count twice: once to identify the sender,
     // once more inside boringtun).
-    let mut h1 = Tunn::new(
-        defs[1].key.to_x25519(),
-        defs[0].key.public_key().to_x25519(),
-        None,
-        None,
-        7,
-        None,
-    );
+    let mut h1 = RawPeer::of(&defs, 1, 0);
     let mut cookies = 0;
     let mut responses = 0;
     for n in 0..HANDSHAKE_RATE_LIMIT - 1 {
@@ -861,13 +879,9 @@ fn each_initiation_counts_once_against_the_handshake_limit() {
             std::net::Ipv4Addr::from(0xc000_0200 + n as u32).into(),
             51820,
         );
-        let mut buf = [0u8; 256];
-        let TunnResult::WriteToNetwork(init) = h1.format_handshake_initiation(&mut buf, true)
-        else {
-            panic!("no initiation");
-        };
+        let init = h1.initiation();
         let h = &mut sim.hosts[0];
-        h.node.handle_datagram(sim.now, from, init, &mut h.out);
+        h.node.handle_datagram(sim.now, from, &init, &mut h.out);
         for (_, d) in h.out.network() {
             match d.first() {
                 Some(2) => responses += 1,
@@ -885,19 +899,8 @@ fn each_initiation_counts_once_against_the_handshake_limit() {
 fn a_handshake_flood_from_one_source_is_dropped_before_any_crypto() {
     let defs = three_hosts();
     let mut sim = Sim::mesh(&defs, None);
-    let mut h1 = Tunn::new(
-        defs[1].key.to_x25519(),
-        defs[0].key.public_key().to_x25519(),
-        None,
-        None,
-        7,
-        None,
-    );
-    let mut buf = [0u8; 256];
-    let TunnResult::WriteToNetwork(init) = h1.format_handshake_initiation(&mut buf, true) else {
-        panic!("no initiation");
-    };
-    let init = init.to_vec();
+    let mut h1 = RawPeer::of(&defs, 1, 0);
+    let init = h1.initiation();
     let flooder: SocketAddr = "198.51.100.7:40000".parse().unwrap();
     let h = &mut sim.hosts[0];
     let mut answered = 0;
@@ -924,23 +927,9 @@ fn an_initiation_stamped_in_our_past_is_answered_by_initiating() {
     let mut sim = Sim::mesh(&defs, None);
     // h1 as a raw session: two initiations, the older sent last, as from
     // a restart whose clock went back.
-    let mut h1 = Tunn::new(
-        defs[1].key.to_x25519(),
-        defs[0].key.public_key().to_x25519(),
-        None,
-        None,
-        7,
-        None,
-    );
-    let mut buf = [0u8; 256];
-    let older = match h1.format_handshake_initiation(&mut buf, true) {
-        TunnResult::WriteToNetwork(m) => m.to_vec(),
-        _ => panic!("no initiation"),
-    };
-    let newer = match h1.format_handshake_initiation(&mut buf, true) {
-        TunnResult::WriteToNetwork(m) => m.to_vec(),
-        _ => panic!("no initiation"),
-    };
+    let mut h1 = RawPeer::of(&defs, 1, 0);
+    let older = h1.initiation();
+    let newer = h1.initiation();
     let from: SocketAddr = defs[1].addr.parse().unwrap();
     let initiations_to_h1 = |h: &Host| {
         h.out
