@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 pub mod dns;
+pub mod flood;
 pub mod measure;
 
 use crate::config::Mode;

@@ -1,0 +1,96 @@
+//! A handshake flood against a real agent: initiations with a valid mac1
+//! (anyone who knows the public key can make them) from several source
+//! addresses of a third namespace, as fast as one sender goes, while an
+//! established tunnel carries pings and a genuine peer restarts.
+//!
+//! Needs root, iproute2 and ping; fails (never skips) without them. The
+//! CPU the flood costs is a figure of `cargo bench --bench flood`, not an
+//! assertion here.
+
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use meshnet::testbed::flood::plan;
+use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
+
+fn bins() -> Binaries {
+    Binaries {
+        meshd: env!("CARGO_BIN_EXE_meshd").into(),
+        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
+    }
+}
+
+const TARGET: usize = 0;
+const PEER: usize = 1;
+const FLOODER: usize = 2;
+
+fn dropped(bed: &Testbed, i: usize, reason: &str) -> u64 {
+    bed.status(i)
+        .unwrap()
+        .dropped
+        .into_iter()
+        .find(|(r, _)| r == reason)
+        .map_or(0, |(_, n)| n)
+}
+
+#[test]
+fn a_handshake_flood_is_refused_cheaply_and_tunnels_keep_working() {
+    let options = MeshOptions {
+        hosts: 3,
+        keepalive: Some(1),
+        ..MeshOptions::default()
+    };
+    let mut bed = Testbed::new("flood", &options, bins()).unwrap();
+    // The third host is only a namespace on the underlay: the flooder.
+    bed.start(TARGET).unwrap();
+    bed.start(PEER).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || bed
+            .ping(PEER, bed.hosts[TARGET].overlay, 1)
+            .unwrap()),
+        "no tunnel before the flood:\n{}",
+        bed.log(TARGET)
+    );
+
+    let report = plan(&bed, TARGET, FLOODER, PEER, 8)
+        .unwrap()
+        .run(6)
+        .unwrap();
+    eprintln!("{report:?}; {:.0} initiations/s", report.rate());
+    assert!(report.sent > 10_000, "the flood did not happen: {report:?}");
+    let refused = dropped(&bed, TARGET, "handshake_flood");
+    assert!(
+        refused > report.sent / 2,
+        "most of the flood should die at the per-source gate: {refused} of {}",
+        report.sent
+    );
+    assert!(
+        report.cookies > 0,
+        "cookie replies never engaged: {report:?}"
+    );
+    assert!(
+        report.pings_answered * 10 >= report.pings_sent as usize * 8,
+        "the established tunnel lost too much under the flood: {report:?}"
+    );
+
+    // The genuine peer restarts while the flood goes on (cookies engaged):
+    // it must connect.
+    let flood = plan(&bed, TARGET, FLOODER, PEER, 8).unwrap();
+    let flooding = std::thread::spawn(move || flood.run(8));
+    std::thread::sleep(Duration::from_secs(1));
+    bed.kill(PEER).unwrap();
+    bed.start(PEER).unwrap();
+    let back = wait_until(Duration::from_secs(6), || {
+        bed.ping(PEER, bed.hosts[TARGET].overlay, 1)
+            .unwrap_or(false)
+    });
+    let during = flooding.join().unwrap().unwrap();
+    assert!(
+        back,
+        "a restarted peer could not connect during the flood ({during:?}):\n{}",
+        bed.log(TARGET)
+    );
+    assert!(bed.status(TARGET).is_ok(), "the control socket answers");
+}
