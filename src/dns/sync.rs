@@ -287,7 +287,11 @@ impl RecordsSync {
             if silent {
                 let name = self.members.get(key).map_or("?", |m| m.name.as_str());
                 tracing::info!(host = %name, "no word from host: its DNS records are withdrawn");
+                // A fresh start: whatever stamp it sends next is taken (an
+                // agent restarted with its clock set back recovers here).
                 remote.held = None;
+                remote.pending = None;
+                remote.refused = None;
                 self.changed = true;
             }
         }

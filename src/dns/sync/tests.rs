@@ -387,3 +387,25 @@ fn a_local_change_sends_a_newer_snapshot_to_every_peer() {
     a.set_local(records(1, vec![container(1, 0)]));
     assert!(a.poll_transmit().is_none(), "no change, nothing sent");
 }
+
+#[test]
+fn a_peer_restarted_with_its_clock_set_back_is_heard_again_after_withdrawal() {
+    let t0 = Instant::now();
+    let mut a = agent(1, &[2], 0, t0);
+    a.handle_message(t0, key(2), &part(stamp(3), 0, 1, vec![container(2, 0)]))
+        .unwrap();
+    let earlier = Stamp {
+        epoch: 10,
+        version: 1,
+    };
+    let restarted = part(earlier, 0, 1, vec![container(2, 5)]);
+    assert_eq!(
+        a.handle_message(t0, key(2), &restarted),
+        Err(SyncReject::Stale)
+    );
+    a.handle_timeout(t0 + WITHDRAW);
+    assert!(remote_names(&a).is_empty());
+    let later = t0 + WITHDRAW + Duration::from_secs(1);
+    a.handle_message(later, key(2), &restarted).unwrap();
+    assert_eq!(remote_names(&a), ["c5@h2"]);
+}
