@@ -13,3 +13,4 @@ fi
 scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go
 cargo bench --bench encap
 cargo bench --bench netns
+cargo bench --bench flood
