@@ -78,6 +78,14 @@ impl Stream {
 /// What one side of a transfer saw: bytes and their SHA-256.
 type Seen = (u64, Vec<u8>);
 
+/// How the sender sends: as fast as BBR lets it, or at most a rate in
+/// bytes a second (with the machine's default congestion control).
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    Bbr,
+    Rate(u64),
+}
+
 /// One TCP connection from a sender thread in one namespace to a receiver
 /// thread in another; both hash what they moved. `abort` stops both.
 struct Transfer {
@@ -89,9 +97,8 @@ struct Transfer {
 }
 
 impl Transfer {
-    /// Sends `total` bytes from `from_ns` to `to` (listening in `to_ns`),
-    /// at most `pace` bytes a second when given.
-    fn start(from_ns: &str, to_ns: &str, to: SocketAddrV4, total: u64, pace: Option<u64>) -> Self {
+    /// Sends `total` bytes from `from_ns` to `to` (listening in `to_ns`).
+    fn start(from_ns: &str, to_ns: &str, to: SocketAddrV4, total: u64, pace: Pace) -> Self {
         let abort = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
         let (ready, listening) = std::sync::mpsc::channel();
@@ -188,9 +195,22 @@ fn receive(listener: &TcpListener, abort: &AtomicBool, count: &AtomicU64) -> Res
     }
 }
 
-fn send(to: SocketAddrV4, total: u64, pace: Option<u64>, abort: &AtomicBool) -> Result<Seen> {
-    let mut stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(30))
+fn connect(to: SocketAddrV4, pace: Pace) -> Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    if let Pace::Bbr = pace {
+        socket
+            .set_tcp_congestion(b"bbr")
+            .context("TCP_CONGESTION bbr (modprobe tcp_bbr)")?;
+    }
+    socket
+        .connect_timeout(&to.into(), Duration::from_secs(30))
         .with_context(|| format!("connecting to {to}"))?;
+    Ok(socket.into())
+}
+
+fn send(to: SocketAddrV4, total: u64, pace: Pace, abort: &AtomicBool) -> Result<Seen> {
+    let mut stream = connect(to, pace)?;
     stream.set_write_timeout(Some(Duration::from_millis(500)))?;
     let (start, mut source) = (Instant::now(), Stream(0x9E37_79B9_7F4A_7C15));
     let (mut hash, mut sent, mut buf) = (Sha::new(&SHA256), 0u64, vec![0u8; 1 << 16]);
@@ -208,7 +228,7 @@ fn send(to: SocketAddrV4, total: u64, pace: Option<u64>, abort: &AtomicBool) -> 
             }
         }
         sent += len as u64;
-        if let Some(rate) = pace {
+        if let Pace::Rate(rate) = pace {
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);
             std::thread::sleep(due.saturating_sub(start.elapsed()));
         }
@@ -241,22 +261,23 @@ fn a_64_mib_transfer_arrives_intact_through_loss_reordering_and_jitter() {
         bed.log(0)
     );
     let [(c1, _), (c2, a2)] = containers(&mut bed);
-    // BBR, as a sender on a lossy path would use: CUBIC reads 5 % loss as
-    // congestion and crawls. The transfer's integrity is what is tested.
-    run_in(&c1, &["sysctl", "-qw", "net.ipv4.tcp_congestion_control=bbr"]);
     let before = relay.counters();
 
-    let transfer = Transfer::start(&c1, &c2, SocketAddrV4::new(a2, 5001), 64 * MIB, None);
+    // BBR, as a sender on a lossy path would use: CUBIC reads 5 % loss as
+    // congestion and crawls. The transfer's integrity is what is tested.
+    let to = SocketAddrV4::new(a2, 5001);
+    let transfer = Transfer::start(&c1, &c2, to, 64 * MIB, Pace::Bbr);
     let took = transfer.finish(Duration::from_secs(240));
 
     let c = relay.counters();
     println!(
         "64 MiB through the impaired relay in {took:.1?} ({:.1} Mbit/s); relay {c:?}; \
-         loss {:.2} %, reordered {:.2} %, mean delay {:?}",
+         loss {:.2} %, reordered {:.2} %, delay mean {:?} spread {:?}",
         (64 * MIB * 8) as f64 / took.as_secs_f64() / 1e6,
         c.loss_ratio() * 100.0,
         c.reorder_ratio() * 100.0,
-        c.mean_delay()
+        c.mean_delay(),
+        c.delay_spread()
     );
     // The impairment really happened, at about the rates asked for.
     assert!(c.received - before.received > 40_000, "{c:?}");
@@ -309,7 +330,7 @@ fn roam_mid_transfer(tag: &str, h1_sends: bool) {
     // 32 MiB paced at 8 MiB/s: the move lands well inside the transfer.
     let total = 32 * MIB;
     let (from, to, at) = if h1_sends { (&c1, &c2, a2) } else { (&c2, &c1, a1) };
-    let transfer = Transfer::start(from, to, SocketAddrV4::new(at, 5001), total, Some(8 * MIB));
+    let transfer = Transfer::start(from, to, SocketAddrV4::new(at, 5001), total, Pace::Rate(8 * MIB));
     assert!(wait_until(Duration::from_secs(60), || transfer.received() >= 8 * MIB));
     let at_move = transfer.received();
     let h1 = bed.hosts[0].ns.clone();

@@ -71,8 +71,10 @@ pub struct RelayCounters {
     pub reordered: u64,
     pub forwarded: u64,
     pub send_errors: u64,
-    /// Sum and maximum of the delay given to forwarded datagrams.
+    /// Sum, sum of squares and maximum of the delay given to forwarded
+    /// datagrams (the mean and the spread, i.e. the jitter seen).
     pub delay_total_us: u64,
+    pub delay_squares_us2: u64,
     pub delay_max_us: u64,
 }
 
@@ -89,6 +91,14 @@ impl RelayCounters {
 
     pub fn mean_delay(&self) -> Duration {
         Duration::from_micros(self.delay_total_us / self.forwarded.max(1))
+    }
+
+    /// The standard deviation of the delay.
+    pub fn delay_spread(&self) -> Duration {
+        let n = self.forwarded.max(1) as f64;
+        let mean = self.delay_total_us as f64 / n;
+        let variance = (self.delay_squares_us2 as f64 / n - mean * mean).max(0.0);
+        Duration::from_micros(variance.sqrt() as u64)
     }
 }
 
@@ -233,6 +243,10 @@ impl Impairer {
         let delay = u64::try_from(q.delay.as_micros()).unwrap_or(u64::MAX);
         self.counters.forwarded += 1;
         self.counters.delay_total_us = self.counters.delay_total_us.saturating_add(delay);
+        self.counters.delay_squares_us2 = self
+            .counters
+            .delay_squares_us2
+            .saturating_add(delay.saturating_mul(delay));
         self.counters.delay_max_us = self.counters.delay_max_us.max(delay);
         Some((q.direction, q.bytes))
     }
@@ -535,6 +549,7 @@ mod tests {
         assert!((0.22..0.28).contains(&c.reorder_ratio()), "{c:?}");
         assert!(c.delay_max_us <= 41_000, "{c:?}");
         assert!(c.mean_delay() >= Duration::from_millis(5), "{c:?}");
+        assert!(c.delay_spread() >= Duration::from_millis(2), "{c:?}");
         // Every survivor comes out exactly once.
         let mut sorted = out.clone();
         sorted.sort_unstable();
@@ -553,6 +568,7 @@ mod tests {
         let c = impairer.counters();
         assert_eq!(c.reordered, 0);
         assert!(c.delay_max_us > 15_000 && c.delay_max_us <= 20_000, "{c:?}");
+        assert!(c.delay_spread() > Duration::ZERO, "{c:?}");
     }
 
     #[test]
