@@ -9,6 +9,7 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
@@ -157,7 +158,10 @@ impl Transfer {
 impl Drop for Transfer {
     fn drop(&mut self) {
         self.abort.store(true, Ordering::Relaxed);
-        for handle in [self.sender.take(), self.receiver.take()].into_iter().flatten() {
+        for handle in [self.sender.take(), self.receiver.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = handle.join();
         }
     }
@@ -329,14 +333,27 @@ fn roam_mid_transfer(tag: &str, h1_sends: bool) {
 
     // 32 MiB paced at 8 MiB/s: the move lands well inside the transfer.
     let total = 32 * MIB;
-    let (from, to, at) = if h1_sends { (&c1, &c2, a2) } else { (&c2, &c1, a1) };
-    let transfer = Transfer::start(from, to, SocketAddrV4::new(at, 5001), total, Pace::Rate(8 * MIB));
+    let (from, to, at) = if h1_sends {
+        (&c1, &c2, a2)
+    } else {
+        (&c2, &c1, a1)
+    };
+    let transfer = Transfer::start(
+        from,
+        to,
+        SocketAddrV4::new(at, 5001),
+        total,
+        Pace::Rate(8 * MIB),
+    );
     assert!(wait_until(Duration::from_secs(60), || transfer.received() >= 8 * MIB));
     let at_move = transfer.received();
     let h1 = bed.hosts[0].ns.clone();
     let moved = Instant::now();
     run_in(&h1, &["ip", "addr", "del", "192.0.2.1/24", "dev", "ul0"]);
-    run_in(&h1, &["ip", "addr", "add", &format!("{ROAMED}/24"), "dev", "ul0"]);
+    run_in(
+        &h1,
+        &["ip", "addr", "add", &format!("{ROAMED}/24"), "dev", "ul0"],
+    );
 
     let (followed, stall) = watch_roam(&bed, &transfer, moved, new);
     let took = transfer.finish(Duration::from_secs(120));
@@ -346,8 +363,15 @@ fn roam_mid_transfer(tag: &str, h1_sends: bool) {
         at_move as f64 / MIB as f64
     );
     assert!(at_move < total, "the transfer ended before the move");
-    assert_eq!(endpoint(&bed, 1), Some(new), "h2 still sends to the old address");
-    assert_eq!(endpoint(&bed, 0), Some(SocketAddr::from(([192, 0, 2, 2], 51820))));
+    assert_eq!(
+        endpoint(&bed, 1),
+        Some(new),
+        "h2 still sends to the old address"
+    );
+    assert_eq!(
+        endpoint(&bed, 0),
+        Some(SocketAddr::from(([192, 0, 2, 2], 51820)))
+    );
     assert!(all_up(&bed, Duration::from_secs(10)), "{}", bed.log(1));
     for (i, before) in configs.iter().enumerate() {
         let now = std::fs::read_to_string(&bed.hosts[i].config).unwrap();
@@ -383,20 +407,35 @@ fn watch_roam(
             followed = Some(moved.elapsed());
         }
     }
-    let followed = followed.unwrap_or_else(|| {
-        panic!(
-            "h2 never learned h1's new address {new}:\n{}",
-            bed.log(1)
-        )
-    });
+    let followed = followed
+        .unwrap_or_else(|| panic!("h2 never learned h1's new address {new}:\n{}", bed.log(1)));
     (followed, stall)
 }
 
-/// Datagrams in the known transfer, and their UDP payload size (the
-/// inner IPv4 packet is 28 bytes more: a size nothing else sends).
-const DATAGRAMS: u32 = 1000;
-const PAYLOAD: usize = 1111;
-const INNER: usize = PAYLOAD + 28;
+/// The known transfer: `count` UDP datagrams of `payload` bytes, each
+/// numbered in its first four bytes.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    count: u32,
+    payload: usize,
+}
+
+impl Known {
+    /// The inner IPv4 packet: payload + UDP 8 + IPv4 20.
+    fn inner(self) -> usize {
+        self.payload + 28
+    }
+}
+
+/// h1 to h2 and back; sizes nothing else in the tunnel uses.
+const OUT: Known = Known {
+    count: 1000,
+    payload: 1111,
+};
+const BACK: Known = Known {
+    count: 500,
+    payload: 777,
+};
 /// WireGuard data message: type 4 + receiver 4 + counter 8 + tag 16.
 const WG_DATA_OVERHEAD: usize = 32;
 /// IPv4 20 + UDP 8 around every WireGuard message on the underlay.
@@ -417,47 +456,62 @@ fn byte_and_packet_counters_match_the_traffic_exactly() {
         .capture(&bed.bridge_ns.clone(), "p1", "udp port 51820")
         .unwrap();
     bed.start_all().unwrap();
+    let (ns1, ns2) = (bed.hosts[0].ns.clone(), bed.hosts[1].ns.clone());
 
-    let receiver = spawn_in_netns(&bed.hosts[1].ns, || count_datagrams(SocketAddrV4::new(H2, 6000)))
-        .unwrap();
+    let at_h2 = SocketAddrV4::new(H2, 6000);
+    let at_h1 = SocketAddrV4::new(H1, 6001);
+    let receiver = spawn_in_netns(&ns2, move || count_datagrams(at_h2, OUT)).unwrap();
+    let receiver_back = spawn_in_netns(&ns1, move || count_datagrams(at_h1, BACK)).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     // The first datagram waits behind the handshake it starts; the rest
     // follow on the session, paced so no queue on the way overflows.
-    send_datagrams(&bed.hosts[0].ns, 0..1);
+    send_datagrams(&ns1, H1, at_h2, OUT, 0..1);
     assert!(all_up(&bed, Duration::from_secs(20)), "{}", bed.log(0));
-    send_datagrams(&bed.hosts[0].ns, 1..DATAGRAMS);
-    let got = receiver.join().unwrap().unwrap();
-    assert_eq!(got, (0..DATAGRAMS).collect::<Vec<_>>(), "datagrams lost or reordered");
+    send_datagrams(&ns1, H1, at_h2, OUT, 1..OUT.count);
+    send_datagrams(&ns2, H2, at_h1, BACK, 0..BACK.count);
+    for (receiver, known) in [(receiver, OUT), (receiver_back, BACK)] {
+        let got = receiver.join().unwrap().unwrap();
+        assert_eq!(
+            got,
+            (0..known.count).collect::<Vec<_>>(),
+            "lost or reordered"
+        );
+    }
 
     let (counters, cutoff) = quiet_counters(&bed);
     let pcap = capture.finish().unwrap();
-    let underlay = Underlay::parse(&pcap, cutoff);
-    let (h1, h2) = (&counters[0], &counters[1]);
-    let (out, back) = (&underlay.from_h1, &underlay.from_h2);
-    println!(
-        "h1 -> h2 {out:?}\nh2 -> h1 {back:?}\nh1 {:?}\nh2 {:?}",
-        counts(h1),
-        counts(h2)
-    );
+    let (out, back) = underlay(&pcap, cutoff);
+    let (h1, h2) = (counts(&counters[0]), counts(&counters[1]));
+    println!("h1 -> h2 {out:?}\nh2 -> h1 {back:?}\nh1 {h1:?}\nh2 {h2:?}");
 
     // Each of our datagrams crossed the underlay once, as one data message
     // of exactly inner + 32 bytes in 28 bytes of UDP/IP.
-    assert_eq!(underlay.ours, u64::from(DATAGRAMS), "data messages of our size");
-    assert_eq!(out.unknown + back.unknown, 0, "messages of no WireGuard size");
+    assert_eq!(out.data_of(OUT.inner()), u64::from(OUT.count), "{out:?}");
+    assert_eq!(
+        back.data_of(BACK.inner()),
+        u64::from(BACK.count),
+        "{back:?}"
+    );
+    assert_eq!(
+        out.unknown + back.unknown,
+        0,
+        "messages of no WireGuard size"
+    );
     // Handshakes are counted, not predicted: the records sync of both
     // agents may start one from each side at once.
-    assert!(out.handshakes() + back.handshakes() >= 2, "{out:?} {back:?}");
+    assert!(
+        out.handshakes() + back.handshakes() >= 2,
+        "{out:?} {back:?}"
+    );
     // The counters: the sender's tx and the receiver's rx are exactly the
     // data messages on the wire (records-sync messages included: they ride
     // the same sessions), keepalives and handshakes excluded.
-    assert_eq!(counts(h1).tx(), out.data(), "h1 tx");
-    assert_eq!(counts(h2).rx(), out.data(), "h2 rx");
-    assert_eq!(counts(h2).tx(), back.data(), "h2 tx");
-    assert_eq!(counts(h1).rx(), back.data(), "h1 rx");
-    assert!(counts(h1).tx_bytes >= u64::from(DATAGRAMS) * INNER as u64);
+    assert_eq!(h1.tx(), out.data(), "h1 tx");
+    assert_eq!(h2.rx(), out.data(), "h2 rx");
+    assert_eq!(h2.tx(), back.data(), "h2 tx");
+    assert_eq!(h1.rx(), back.data(), "h1 rx");
     // And the underlay bytes follow from the counters and the overhead.
-    for (peer, dir) in [(h1, out), (h2, back)] {
-        let c = counts(peer);
+    for (c, dir) in [(h1, &out), (h2, &back)] {
         let expected = c.tx_bytes
             + c.tx_packets * (WG_DATA_OVERHEAD + UDP_IP) as u64
             + dir.keepalives * (WG_DATA_OVERHEAD + UDP_IP) as u64
@@ -466,7 +520,7 @@ fn byte_and_packet_counters_match_the_traffic_exactly() {
             + dir.cookies * (64 + UDP_IP) as u64;
         assert_eq!(dir.ip_bytes, expected, "underlay bytes of {dir:?}");
     }
-    for peer in [h1, h2] {
+    for peer in &counters {
         assert_eq!(peer.dropped, 0, "{peer:?}");
     }
 }
@@ -512,22 +566,24 @@ fn quiet_counters(bed: &Testbed) -> ([PeerStatus; 2], SystemTime) {
         let before_second = SystemTime::now();
         let second = read();
         if first.iter().map(counts).eq(second.iter().map(counts)) {
-            let gap = before_second.duration_since(after_first).unwrap_or_default();
+            let gap = before_second
+                .duration_since(after_first)
+                .unwrap_or_default();
             return (second, after_first + gap / 2);
         }
     }
     panic!("the counters never stood still for 300 ms");
 }
 
-fn count_datagrams(at: SocketAddrV4) -> Result<Vec<u32>> {
+fn count_datagrams(at: SocketAddrV4, known: Known) -> Result<Vec<u32>> {
     let socket = UdpSocket::bind(at)?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut got, mut buf) = (Vec::new(), [0u8; 2048]);
-    while got.len() < DATAGRAMS as usize && Instant::now() < deadline {
+    while got.len() < known.count as usize && Instant::now() < deadline {
         match socket.recv(&mut buf) {
             Ok(n) => {
-                ensure!(n == PAYLOAD, "a datagram of {n} bytes");
+                ensure!(n == known.payload, "a datagram of {n} bytes");
                 got.push(u32::from_le_bytes(buf[..4].try_into()?));
             }
             Err(e) if timed_out(&e) => {}
@@ -537,14 +593,22 @@ fn count_datagrams(at: SocketAddrV4) -> Result<Vec<u32>> {
     Ok(got)
 }
 
-fn send_datagrams(ns: &str, numbers: std::ops::Range<u32>) {
+/// Sends the datagrams numbered `numbers` of `known`, one a millisecond
+/// (a receiver's default buffer holds about a hundred).
+fn send_datagrams(
+    ns: &str,
+    from: Ipv4Addr,
+    to: SocketAddrV4,
+    known: Known,
+    numbers: std::ops::Range<u32>,
+) {
     in_netns(ns, move || {
-        let socket = UdpSocket::bind(SocketAddrV4::new(H1, 0))?;
-        let mut payload = [0x5a; PAYLOAD];
+        let socket = UdpSocket::bind(SocketAddrV4::new(from, 0))?;
+        let mut payload = vec![0x5a; known.payload];
         for n in numbers {
             payload[..4].copy_from_slice(&n.to_le_bytes());
-            socket.send_to(&payload, SocketAddrV4::new(H2, 6000))?;
-            std::thread::sleep(Duration::from_micros(500));
+            socket.send_to(&payload, to)?;
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
     })
@@ -558,9 +622,8 @@ struct Direction {
     responses: u64,
     cookies: u64,
     keepalives: u64,
-    data_packets: u64,
-    /// Inner bytes of the data messages: their length less 32.
-    data_bytes: u64,
+    /// Data messages by inner length (their length less 32).
+    data: BTreeMap<usize, u64>,
     /// IPv4 total length of every message.
     ip_bytes: u64,
     unknown: u64,
@@ -571,8 +634,15 @@ impl Direction {
         self.initiations + self.responses
     }
 
+    /// Packets and inner bytes of every data message.
     fn data(&self) -> (u64, u64) {
-        (self.data_packets, self.data_bytes)
+        let packets = self.data.values().sum();
+        let bytes = self.data.iter().map(|(len, n)| *len as u64 * n).sum();
+        (packets, bytes)
+    }
+
+    fn data_of(&self, inner: usize) -> u64 {
+        self.data.get(&inner).copied().unwrap_or(0)
     }
 
     fn add(&mut self, message: &[u8], ip_len: usize) {
@@ -583,45 +653,29 @@ impl Direction {
             (Some(3), 64) => self.cookies += 1,
             (Some(4), WG_DATA_OVERHEAD) => self.keepalives += 1,
             (Some(4), n) if n > WG_DATA_OVERHEAD => {
-                self.data_packets += 1;
-                self.data_bytes += (n - WG_DATA_OVERHEAD) as u64;
+                *self.data.entry(n - WG_DATA_OVERHEAD).or_default() += 1;
             }
             _ => self.unknown += 1,
         }
     }
 }
 
-/// The capture, split by sender and cut at the counters' moment.
-struct Underlay {
-    from_h1: Direction,
-    from_h2: Direction,
-    /// Data messages (whole capture) whose inner packet is one of ours.
-    ours: u64,
-}
-
-impl Underlay {
-    fn parse(pcap: &[u8], cutoff: SystemTime) -> Self {
-        let mut underlay = Self {
-            from_h1: Direction::default(),
-            from_h2: Direction::default(),
-            ours: 0,
-        };
-        for (at, frame) in pcap_records(pcap) {
-            let (source, ip_len, message) = udp_in_ethernet(frame).expect("an IPv4/UDP frame");
-            if message.first() == Some(&4) && message.len() == INNER + WG_DATA_OVERHEAD {
-                underlay.ours += 1;
-            }
-            if at >= cutoff {
-                continue;
-            }
-            match source.octets()[3] {
-                1 => underlay.from_h1.add(message, ip_len),
-                2 => underlay.from_h2.add(message, ip_len),
-                _ => panic!("a datagram from {source}"),
-            }
+/// The capture's messages from h1 and from h2, up to `cutoff` (the
+/// counters' moment).
+fn underlay(pcap: &[u8], cutoff: SystemTime) -> (Direction, Direction) {
+    let (mut from_h1, mut from_h2) = (Direction::default(), Direction::default());
+    for (at, frame) in pcap_records(pcap) {
+        let (source, ip_len, message) = udp_in_ethernet(frame).expect("an IPv4/UDP frame");
+        if at >= cutoff {
+            continue;
         }
-        underlay
+        match source.octets()[3] {
+            1 => from_h1.add(message, ip_len),
+            2 => from_h2.add(message, ip_len),
+            _ => panic!("a datagram from {source}"),
+        }
     }
+    (from_h1, from_h2)
 }
 
 /// Each record of a classic little-endian pcap with its timestamp.
