@@ -21,7 +21,9 @@ use anyhow::{Context, Result, bail, ensure};
 use meshnet::config::Mode;
 use meshnet::core::{PeerState, PeerStatus};
 use meshnet::testbed::relay::{Impairment, relay_between, spawn_in_netns};
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, in_netns, wait_until};
+use meshnet::testbed::{
+    Binaries, MeshOptions, Testbed, WireguardGo, exec_in, in_netns, unique_name, wait_until,
+};
 use ring::digest::{Context as Sha, SHA256};
 
 fn bins() -> Binaries {
@@ -707,4 +709,105 @@ fn udp_in_ethernet(frame: &[u8]) -> Option<(Ipv4Addr, usize, &[u8])> {
     let source = Ipv4Addr::new(*ip.get(12)?, *ip.get(13)?, *ip.get(14)?, *ip.get(15)?);
     let payload = ip.get(header + 8..total)?;
     Some((source, total, payload))
+}
+
+/// What a peer that holds its key but lies sends (here wireguard-go as
+/// h2, whose allowed IPs for h1 are wider than meshd's): packets from a
+/// source outside its subnet, and packets for a subnet that is not h1's.
+/// The kernel counts neither as received (they are rx_errors); meshd must
+/// count them as drops only, so rx bytes and packets stay in step with
+/// what was delivered.
+#[test]
+fn dishonest_packets_are_counted_as_drops_not_as_received() {
+    let options = MeshOptions {
+        hosts: 2,
+        keepalive: Some(1),
+        mode: Mode::Tun,
+    };
+    let mut bed = Testbed::new("acct-lie", &options, bins()).unwrap();
+    bed.prepend_config(0, &format!("device = \"{}\"", unique_name("ms")))
+        .unwrap();
+    let ns2 = bed.hosts[1].ns.clone();
+    let wg = WireguardGo::start(&ns2, &unique_name("wg")).unwrap();
+    wg.configure(&bed, 1, 0, true, None).unwrap();
+    let h1_key = bed.hosts[0].key.public_key().to_string();
+    wg.wg(
+        &ns2,
+        &[
+            "set",
+            &wg.name,
+            "peer",
+            &h1_key,
+            "allowed-ips",
+            "10.42.1.0/24,10.42.7.0/24",
+        ],
+    )
+    .unwrap();
+    run_in(
+        &ns2,
+        &["ip", "addr", "add", "10.42.9.9/32", "dev", &wg.name],
+    );
+    run_in(
+        &ns2,
+        &["ip", "route", "add", "10.42.7.0/24", "dev", &wg.name],
+    );
+    bed.start(0).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || bed.ping(1, H1, 1).unwrap()),
+        "no tunnel between meshd and wireguard-go:\n{}",
+        bed.log(0)
+    );
+    let lies = Known {
+        count: 20,
+        payload: 300,
+    };
+    let honest = Known {
+        count: 10,
+        payload: 500,
+    };
+    let before = bed.peers(0).unwrap().remove(0);
+    let spoofed = Ipv4Addr::new(10, 42, 9, 9);
+    send_datagrams(
+        &ns2,
+        spoofed,
+        SocketAddrV4::new(H1, 6002),
+        lies,
+        0..lies.count,
+    );
+    let elsewhere = SocketAddrV4::new(Ipv4Addr::new(10, 42, 7, 7), 6002);
+    send_datagrams(&ns2, H2, elsewhere, lies, 0..lies.count);
+    send_datagrams(
+        &ns2,
+        H2,
+        SocketAddrV4::new(H1, 6002),
+        honest,
+        0..honest.count,
+    );
+    let dropped = wait_until(Duration::from_secs(10), || {
+        bed.peers(0).unwrap()[0].dropped >= before.dropped + 2 * u64::from(lies.count)
+    });
+    let after = bed.peers(0).unwrap().remove(0);
+    assert!(dropped, "the lies were not dropped: {after:?}");
+    let status = bed.status(0).unwrap();
+    let reason = |r: &str| {
+        status
+            .dropped
+            .iter()
+            .find(|(n, _)| n.as_str() == r)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!(reason("cryptokey_mismatch"), u64::from(lies.count));
+    assert_eq!(reason("not_for_us"), u64::from(lies.count));
+    // Only the honest datagrams (and the pings' replies, none here) count
+    // as received; a keepalive counts nothing.
+    let honest_bytes = u64::from(honest.count) * honest.inner() as u64;
+    assert_eq!(
+        (
+            after.rx_packets - before.rx_packets,
+            after.rx_bytes - before.rx_bytes
+        ),
+        (u64::from(honest.count), honest_bytes),
+        "before {before:?}\nafter {after:?}"
+    );
+    drop(wg);
 }
