@@ -1,10 +1,13 @@
 //! Faults on the underlay, with the real binaries (issue 14): a bulk TCP
 //! transfer between containers through a relay that drops, delays and
-//! reorders; a host whose underlay address changes mid-transfer (roaming);
-//! and exact byte and packet accounting against a capture of the underlay.
+//! reorders (`testbed::relay`: this kernel has no `sch_netem`); a host
+//! whose underlay address changes mid-transfer (roaming); exact byte and
+//! packet accounting against a capture of the underlay; and packets from a
+//! dishonest peer counted as drops, not as received.
 //!
-//! Needs root, iproute2 and tcpdump; fails (never skips) without them.
-//! Timings are printed (run with `--nocapture`), never asserted.
+//! Needs root, iproute2, tcpdump, BBR (tcp_bbr), wireguard-go and
+//! wireguard-tools; fails (never skips) without them. Timings are printed
+//! (run with `--nocapture`), never asserted.
 
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
