@@ -74,6 +74,11 @@ pub(crate) struct Peer {
     tunn: Tunn,
     liveness: Liveness,
     reported: PeerState,
+    /// Inner bytes delivered: counted here with `rx_packets`, not taken
+    /// from boringtun, which also counts packets decrypted and then
+    /// dropped (cryptokey mismatch, not for us); the kernel counts those
+    /// as errors, not as received.
+    rx_bytes: u64,
     rx_packets: u64,
     tx_packets: u64,
     dropped: u64,
@@ -107,6 +112,7 @@ impl Peer {
             spec,
             tunn,
             reported: PeerState::Down,
+            rx_bytes: 0,
             rx_packets: 0,
             tx_packets: 0,
             dropped: 0,
@@ -215,6 +221,7 @@ impl Peer {
                 let destination = packet
                     .get(16..20)
                     .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]));
+                let len = packet.len() as u64;
                 let placed = Placed::within(start, packet);
                 self.authenticated(now, from, kind);
                 if !self.spec.subnet.contains(&source) {
@@ -224,6 +231,7 @@ impl Peer {
                     return Err(DropReason::NotForUs);
                 }
                 self.rx_packets += 1;
+                self.rx_bytes += len;
                 Ok(Some(placed))
             }
             TunnResult::WriteToTunnelV6(..) => {
@@ -286,7 +294,7 @@ impl Peer {
     }
 
     pub(crate) fn status(&self, now: Instant) -> PeerStatus {
-        let (_, tx_bytes, rx_bytes, _, _) = self.tunn.stats();
+        let (_, tx_bytes, _, _, _) = self.tunn.stats();
         PeerStatus {
             name: self.spec.name.clone(),
             public_key: self.spec.public_key,
@@ -297,7 +305,7 @@ impl Peer {
                 .liveness
                 .last_handshake()
                 .map(|t| now.saturating_duration_since(t).as_secs()),
-            rx_bytes: rx_bytes as u64,
+            rx_bytes: self.rx_bytes,
             tx_bytes: tx_bytes as u64,
             rx_packets: self.rx_packets,
             tx_packets: self.tx_packets,

@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail, ensure};
 pub mod dns;
 pub mod flood;
 pub mod measure;
+pub mod relay;
 
 use crate::config::Mode;
 use crate::control::{self, Request, Response};

@@ -339,6 +339,8 @@ fn decrypted_packet_from_outside_the_senders_subnet_is_dropped() {
         1
     );
     assert_eq!(sim.status(0, "h1").dropped, 1);
+    // A drop, not a reception (as the kernel counts it).
+    assert_eq!(sim.status(0, "h1").rx_bytes, 0);
 }
 
 #[test]
@@ -358,6 +360,7 @@ fn decrypted_packet_for_another_subnet_is_dropped() {
     sim.run();
     assert!(sim.hosts[0].delivered.is_empty());
     assert_eq!(sim.hosts[0].node.drops().get(DropReason::NotForUs), 1);
+    assert_eq!(sim.status(0, "h1").rx_bytes, 0);
 }
 
 #[test]
