@@ -23,7 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use meshnet::config::Mode;
 use meshnet::core::{PeerState, PeerStatus};
-use meshnet::testbed::relay::{Impairment, relay_between, spawn_in_netns};
+use meshnet::testbed::relay::{Impairment, relay_between};
+use meshnet::testbed::spawn_in_netns;
 use meshnet::testbed::{
     Binaries, MeshOptions, Testbed, WireguardGo, exec_in, in_netns, unique_name, wait_until,
 };

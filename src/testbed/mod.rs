@@ -819,19 +819,27 @@ pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
+    spawn_in_netns(ns, f)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread in {ns} panicked"))?
+}
+
+/// Like `in_netns`, but returns the thread's handle at once.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<T>>> {
     use std::os::fd::AsFd;
     let path = Path::new("/run/netns").join(ns);
     let handle = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    std::thread::spawn(move || {
+    Ok(std::thread::spawn(move || {
         rustix::thread::move_into_link_name_space(
             handle.as_fd(),
             Some(rustix::thread::LinkNameSpaceType::Network),
         )
         .context("setns")?;
         f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the thread in {ns} panicked"))?
+    }))
 }
 
 pub fn exec_in(ns: &str, args: &[&str]) -> Result<Output> {

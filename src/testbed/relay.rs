@@ -15,16 +15,15 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::Path;
+
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::{Testbed, ip};
+use super::{Testbed, ip, spawn_in_netns};
 
 /// Datagrams waiting in the relay, at most (about 12 MiB of 1500-byte
 /// datagrams); past it a datagram is dropped and counted as `overflowed`.
@@ -453,25 +452,6 @@ async fn relay_loop(
             *counters = impairer.counters();
         }
     }
-}
-
-/// Runs `f` inside network namespace `ns` on a new thread and returns its
-/// handle at once (`in_netns` waits for it instead).
-pub fn spawn_in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<JoinHandle<Result<T>>> {
-    use std::os::fd::AsFd;
-    let path = Path::new("/run/netns").join(ns);
-    let handle = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(std::thread::spawn(move || {
-        rustix::thread::move_into_link_name_space(
-            handle.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .context("setns")?;
-        f()
-    }))
 }
 
 #[cfg(test)]
