@@ -48,8 +48,10 @@ fn not_converged(bed: &Testbed, hosts: &[usize]) -> Vec<usize> {
 // 50 hosts, 2,450 tunnels
 
 const FLEET: usize = 50;
-/// Generous: convergence takes seconds; a livelocked pair never converges.
-const CONVERGENCE_BOUND: Duration = Duration::from_secs(120);
+/// Generous: convergence takes 9-14 s here. With the crossing-handshake
+/// fix reverted it took 97 s (pairs stuck until WireGuard gave up after
+/// 90 s and retried); without pinned neighbours 40 hosts never converged.
+const CONVERGENCE_BOUND: Duration = Duration::from_secs(60);
 /// Generous: an idle agent with 49 peers sits near 10 MiB.
 const RSS_BOUND_KIB: u64 = 48 * 1024;
 
@@ -57,6 +59,9 @@ const RSS_BOUND_KIB: u64 = 48 * 1024;
 fn fifty_hosts_started_together_converge_and_carry_traffic() {
     let options = MeshOptions {
         hosts: FLEET,
+        // 1 s keepalives on 2,450 tunnels would be 2,450 packets a second
+        // of overhead on two shared cores; 5 s still shows a dead tunnel
+        // down within 15 s.
         keepalive: Some(5),
         ..MeshOptions::default()
     };
@@ -125,8 +130,9 @@ fn stuck_report(bed: &Testbed, hosts: &[usize]) -> String {
 // A host cut off for minutes
 
 /// Long enough for WireGuard to give up on the lost peer (90 s of
-/// unanswered handshakes) and for meshd's retry after its 30 s backoff to
-/// go out unanswered too.
+/// unanswered handshakes) and for the next attempt to go out unanswered
+/// too: meshd's own retry comes 30 s after the give-up, but records-sync
+/// heartbeats (every 2 s) make boringtun start one within a second.
 const OUTAGE: Duration = Duration::from_secs(135);
 /// The retry backoff (30 s) plus a handshake retransmission and margin.
 const RECONNECT_BOUND: Duration = Duration::from_secs(60);
@@ -194,10 +200,26 @@ fn a_host_cut_off_for_minutes_is_reconnected_and_each_change_logged_once() {
 fn assert_logged_once(bed: &Testbed, marks: &[usize]) {
     for (i, lost) in [(0, vec!["h3"]), (1, vec!["h3"]), (2, vec!["h1", "h2"])] {
         let changes = bed.state_changes(i, marks[i]);
-        println!("{} state changes: {changes:?}", bed.hosts[i].name);
+        let log = bed.log(i);
+        let outage = log.get(marks[i]..).unwrap_or_default();
+        // boringtun warns once per handshake retransmission (every 5 s per
+        // lost peer) in its own target; meshd's lines are counted.
+        let ours = outage
+            .lines()
+            .filter(|l| !l.contains(" boringtun::"))
+            .count();
+        let theirs = outage.lines().count() - ours;
+        println!(
+            "{}: {ours} meshd log lines, {theirs} boringtun lines; state changes:",
+            bed.hosts[i].name
+        );
+        for c in &changes {
+            println!("  {} {}: {} -> {}", c.stamp, c.peer, c.from, c.to);
+        }
+        // Nothing per packet or per retransmission from meshd.
         assert!(
-            changes.iter().all(|c| lost.contains(&c.peer.as_str())),
-            "{} logged a change of a tunnel that stayed up: {changes:?}",
+            ours <= 2 * changes.len() + 6,
+            "{}: {ours} meshd log lines in the outage:\n{outage}",
             bed.hosts[i].name
         );
         for peer in &lost {
@@ -219,6 +241,15 @@ fn assert_logged_once(bed: &Testbed, marks: &[usize]) {
                 mine.windows(2)
                     .all(|w| w[0].to == w[1].from && w[0].to != w[1].to),
                 "{}: a change for {peer} logged twice or missed: {mine:?}",
+                bed.hosts[i].name
+            );
+            assert!(
+                mine.iter()
+                    .any(|c| c.from == "connecting" && c.to == "down")
+                    && mine
+                        .iter()
+                        .any(|c| c.from == "down" && c.to == "connecting"),
+                "{}: WireGuard's give-up and meshd's retry not both seen for {peer}: {mine:?}",
                 bed.hosts[i].name
             );
             assert_eq!(mine.last().map(|c| c.to.as_str()), Some("up"));

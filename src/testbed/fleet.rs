@@ -20,6 +20,8 @@ const PING_PARALLELISM: usize = 16;
 /// One "tunnel <state>" line of an agent's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateChange {
+    /// The log line's time stamp, as written.
+    pub stamp: String,
     pub peer: String,
     pub from: String,
     pub to: String,
@@ -148,12 +150,18 @@ pub fn ping_counts(child: Child, timeout: Duration) -> Result<(u32, u32)> {
 
 /// Parses `... peer{name=h3}: ...: tunnel down from="up" to="down" ...`.
 fn parse_state_change(line: &str) -> Option<StateChange> {
+    let stamp = line.split_whitespace().next()?.to_owned();
     let rest = &line[line.find("peer{name=")? + "peer{name=".len()..];
     let peer = rest[..rest.find('}')?].to_owned();
     let message = &rest[rest.find(": tunnel ")? + ": tunnel ".len()..];
     let to = message.split_whitespace().next()?.to_owned();
     let from = field(message, "from=")?;
-    Some(StateChange { peer, from, to })
+    Some(StateChange {
+        stamp,
+        peer,
+        from,
+        to,
+    })
 }
 
 fn field(text: &str, name: &str) -> Option<String> {
@@ -211,6 +219,7 @@ mod tests {
         assert_eq!(
             parse_state_change(line),
             Some(StateChange {
+                stamp: "2026-11-23T12:00:00.000001Z".into(),
                 peer: "h3".into(),
                 from: "up".into(),
                 to: "down".into()
