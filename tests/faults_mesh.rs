@@ -13,7 +13,6 @@
 use std::time::{Duration, Instant};
 
 use meshnet::core::{PeerState, PeerStatus};
-use meshnet::testbed::fleet::ping_counts;
 use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
 
 fn bins() -> Binaries {
@@ -168,7 +167,7 @@ fn a_host_cut_off_for_minutes_is_reconnected_and_each_change_logged_once() {
     );
     std::thread::sleep(OUTAGE.saturating_sub(cut.elapsed()));
     for ping in pings {
-        let (sent, received) = ping_counts(ping, Duration::from_secs(30)).unwrap();
+        let (sent, received) = ping.finish(Duration::from_secs(30)).unwrap();
         println!("h1 <-> h2 during the outage: {received}/{sent} answered");
         assert!(
             received * 100 >= sent * 98,

@@ -83,8 +83,8 @@ impl Testbed {
             for &(from, to) in chunk {
                 children.push(((from, to), self.spawn_ping(from, to, count)?));
             }
-            for (pair, mut child) in children {
-                let status = wait_bounded(&mut child, Duration::from_secs(u64::from(count) + 10))?;
+            for (pair, ping) in children {
+                let status = ping.wait(Duration::from_secs(u64::from(count) + 10))?;
                 if !status.success() {
                     failed.push(pair);
                 }
@@ -94,9 +94,10 @@ impl Testbed {
     }
 
     /// Starts `ping -c count` from host `from` to host `to`'s overlay
-    /// address (0.5 s apart, 2 s for the last answer); the caller waits.
-    pub fn spawn_ping(&self, from: usize, to: usize, count: u32) -> Result<Child> {
-        Command::new("ip")
+    /// address (0.5 s apart, 2 s for the last answer); read it with
+    /// `PingRun::finish`, or it is killed when dropped.
+    pub fn spawn_ping(&self, from: usize, to: usize, count: u32) -> Result<PingRun> {
+        let child = Command::new("ip")
             .args(["netns", "exec", &self.hosts[from].ns, "ping", "-q", "-n"])
             .args(["-c", &count.to_string(), "-i", "0.5", "-W", "2"])
             .arg(self.hosts[to].overlay.to_string())
@@ -104,7 +105,8 @@ impl Testbed {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting ping")
+            .context("starting ping")?;
+        Ok(PingRun { child: Some(child) })
     }
 
     /// The tunnel state changes in host `i`'s log, from byte `since` on
@@ -119,21 +121,46 @@ impl Testbed {
     }
 }
 
-/// Reads how many pings a finished `spawn_ping` sent and got back.
-pub fn ping_counts(child: Child, timeout: Duration) -> Result<(u32, u32)> {
-    let deadline = Instant::now() + timeout;
-    let mut child = child;
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
+/// A `ping` running in the background (`Testbed::spawn_ping`).
+pub struct PingRun {
+    child: Option<Child>,
+}
+
+impl PingRun {
+    /// Waits (at most `timeout`) for the ping to end; returns how many
+    /// echo requests it sent and how many were answered.
+    pub fn finish(mut self, timeout: Duration) -> Result<(u32, u32)> {
+        let mut child = self.child.take().context("ping already finished")?;
+        let deadline = Instant::now() + timeout;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("ping did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output()?;
+        ping_summary(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn wait(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("ping already finished")?;
+        wait_bounded(&mut child, timeout)
+    }
+}
+
+impl Drop for PingRun {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("ping did not finish within {timeout:?}");
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "N packets transmitted, M received, ..."
+}
+
+/// "N packets transmitted, M received, ..." as (N, M).
+fn ping_summary(text: &str) -> Result<(u32, u32)> {
     let line = text
         .lines()
         .find(|l| l.contains("packets transmitted"))
@@ -226,5 +253,13 @@ mod tests {
             })
         );
         assert_eq!(parse_state_change("INFO meshd: config reloaded"), None);
+    }
+
+    #[test]
+    fn reads_a_ping_summary() {
+        let text = "--- 10.42.2.1 ping statistics ---\n\
+                    270 packets transmitted, 268 received, 0.7% packet loss, time 134s\n";
+        assert_eq!(ping_summary(text).unwrap(), (270, 268));
+        assert!(ping_summary("ping: connect: Network is unreachable").is_err());
     }
 }
