@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+pub mod clock;
 pub mod dns;
+pub mod fleet;
 pub mod flood;
 pub mod measure;
 pub mod relay;
@@ -253,6 +255,13 @@ impl Testbed {
     /// Starts host `i`'s agent (log appended to its log file) and waits
     /// until its control socket answers.
     pub fn start(&mut self, i: usize) -> Result<()> {
+        self.spawn_agent(i, &[])?;
+        self.wait_answering(i)
+    }
+
+    /// Spawns host `i`'s agent with extra environment variables, without
+    /// waiting for it (see `wait_answering`).
+    fn spawn_agent(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
         let host = &mut self.hosts[i];
         ensure!(host.agent.is_none(), "{} already runs an agent", host.name);
         let log = File::options().create(true).append(true).open(&host.log)?;
@@ -265,12 +274,18 @@ impl Testbed {
                 "RUST_LOG",
                 std::env::var("MESHNET_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting meshd")?;
         host.agent = Some(child);
+        Ok(())
+    }
+
+    /// Waits until host `i`'s spawned agent answers on its control socket.
+    fn wait_answering(&mut self, i: usize) -> Result<()> {
         let deadline = Instant::now() + AGENT_START_TIMEOUT;
         loop {
             if control::request(&self.hosts[i].socket, &Request::Status).is_ok() {
