@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use meshnet::core::PeerState;
 use meshnet::testbed::flood::plan;
 use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
 
@@ -78,13 +79,15 @@ fn a_handshake_flood_is_refused_cheaply_and_tunnels_keep_working() {
     // The genuine peer restarts while the flood goes on (cookies engaged):
     // it must connect.
     let flood = plan(&bed, TARGET, FLOODER, PEER, 8).unwrap();
-    let flooding = std::thread::spawn(move || flood.run(8));
+    let flooding = std::thread::spawn(move || flood.run(20));
     std::thread::sleep(Duration::from_secs(1));
     bed.kill(PEER).unwrap();
     bed.start(PEER).unwrap();
-    let back = wait_until(Duration::from_secs(6), || {
-        bed.ping(PEER, bed.hosts[TARGET].overlay, 1)
-            .unwrap_or(false)
+    // Generous: a loaded debug build under a full-core flood answers
+    // slowly; only a peer that cannot connect at all fails this.
+    let back = wait_until(Duration::from_secs(15), || {
+        bed.peers(PEER)
+            .is_ok_and(|p| p.iter().any(|p| p.name == "h1" && p.state == PeerState::Up))
     });
     let during = flooding.join().unwrap().unwrap();
     assert!(
