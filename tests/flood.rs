@@ -27,15 +27,6 @@ const TARGET: usize = 0;
 const PEER: usize = 1;
 const FLOODER: usize = 2;
 
-fn dropped(bed: &Testbed, i: usize, reason: &str) -> u64 {
-    bed.status(i)
-        .unwrap()
-        .dropped
-        .into_iter()
-        .find(|(r, _)| r == reason)
-        .map_or(0, |(_, n)| n)
-}
-
 #[test]
 fn a_handshake_flood_is_refused_cheaply_and_tunnels_keep_working() {
     let options = MeshOptions {
@@ -61,7 +52,7 @@ fn a_handshake_flood_is_refused_cheaply_and_tunnels_keep_working() {
         .unwrap();
     eprintln!("{report:?}; {:.0} initiations/s", report.rate());
     assert!(report.sent > 10_000, "the flood did not happen: {report:?}");
-    let refused = dropped(&bed, TARGET, "handshake_flood");
+    let refused = bed.dropped(TARGET, "handshake_flood").unwrap();
     assert!(
         refused > report.sent / 2,
         "most of the flood should die at the per-source gate: {refused} of {}",

@@ -40,15 +40,6 @@ fn addresses(bed: &Testbed, i: usize, name: &str) -> Vec<String> {
         .collect()
 }
 
-fn dropped(bed: &Testbed, i: usize, reason: &str) -> u64 {
-    bed.status(i)
-        .unwrap()
-        .dropped
-        .into_iter()
-        .find(|(r, _)| r == reason)
-        .map_or(0, |(_, n)| n)
-}
-
 fn json(message: &Message) -> Vec<u8> {
     serde_json::to_vec(message).unwrap()
 }
@@ -145,7 +136,7 @@ fn a_container_holding_a_peers_address_cannot_speak_for_it() {
         "h2 was fooled"
     );
     assert!(
-        dropped(&bed, 0, "sync_port") >= 20,
+        bed.dropped(0, "sync_port").unwrap() >= 20,
         "h1's agent did not refuse the container's packets to h2's sync port: {:?}",
         bed.status(0).unwrap().dropped
     );
@@ -274,9 +265,9 @@ fn a_hostile_peer_cannot_bloat_poison_or_stall_the_agent() {
         .status(0)
         .expect("the control socket answers after the flood");
     assert!(status.peers_up == 1, "{status:?}");
-    assert!(dropped(bed, 0, "sync_refused") > 0);
+    assert!(bed.dropped(0, "sync_refused").unwrap() > 0);
     assert!(
-        dropped(bed, 0, "sync_port") >= 20,
+        bed.dropped(0, "sync_port").unwrap() >= 20,
         "fragments of the 62 kB snapshot"
     );
     let names: Vec<String> = bed

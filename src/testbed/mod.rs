@@ -402,6 +402,12 @@ impl Testbed {
         Ok(())
     }
 
+    /// How many packets host `i`'s agent dropped for `reason` (as
+    /// `meshctl status` names it; 0 when it never did).
+    pub fn dropped(&self, i: usize, reason: &str) -> Result<u64> {
+        Ok(self.status(i)?.dropped.get(reason).copied().unwrap_or(0))
+    }
+
     /// Host `i`'s agent MAC (TAP mode), through its status.
     pub fn agent_mac(&self, i: usize) -> Result<crate::core::ethernet::Mac> {
         self.status(i)?
