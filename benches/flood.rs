@@ -1,7 +1,7 @@
 //! What a handshake flood costs the agent: `cargo bench --bench flood`.
 //!
 //! Three hosts in namespaces; host 3 floods host 1's agent with valid-mac1
-//! initiations (`meshnet::testbed::flood`) from one source address, then
+//! initiations (`meshnet_testbed::flood`) from one source address, then
 //! from eight, while host 2 pings host 1 through their tunnel. Prints, per
 //! run: initiations sent per second, the flooded agent's CPU (cores), the
 //! cookie replies the flooder got, and the pings answered with their RTT,
@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use meshnet::testbed::flood::{FloodReport, plan};
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, measure, wait_until};
+use meshnet_testbed::flood::{FloodReport, plan};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, measure, wait_until};
 
 fn main() -> Result<()> {
     let bench = std::env::args().any(|a| a == "--bench");

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use meshnet::core::PeerState;
-use meshnet::testbed::measure::{self, IperfResult};
-use meshnet::testbed::{
+use meshnet_testbed::measure::{self, IperfResult};
+use meshnet_testbed::{
     Binaries, MeshOptions, Testbed, WireguardGo, exec_in, unique_name, wait_until,
 };
 use plotters::prelude::*;

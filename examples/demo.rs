@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use meshnet::config::Mode;
 use meshnet::core::PeerState;
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
 
 fn main() -> Result<()> {
     let bins = Binaries::beside_current_exe()?;

@@ -16,7 +16,7 @@ use meshnet::control::{AttachRequest, Request};
 use meshnet::core::PeerState;
 use meshnet::dns::sync::{Message, Stamp, encode_snapshot};
 use meshnet::dns::{ContainerRecord, HostRecords};
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, pcap_packets, wait_until};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, pcap_packets, wait_until};
 
 const ETHERNET: usize = 14;
 /// Seeds kept per target: enough shapes, small enough to replay in a test.

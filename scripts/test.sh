@@ -11,6 +11,6 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 scripts/deps.sh iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq wireguard-tools wireguard-go socat python3 nftables faketime
 cargo fmt --all -- --check
-cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo test --workspace --all-targets
 scripts/fuzz.sh "${FUZZ_SECONDS:-5}"

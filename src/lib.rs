@@ -14,5 +14,4 @@ pub mod dns;
 pub mod keys;
 pub mod membership;
 pub mod report;
-pub mod testbed;
 pub mod uapi;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use meshnet::config::Mode;
 use meshnet::core::PeerState;
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, neighbour_mac, wait_until};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, neighbour_mac, wait_until};
 
 fn bins() -> Binaries {
     Binaries {
@@ -33,7 +33,7 @@ fn tap_mesh(tag: &str) -> Testbed {
 }
 
 fn ping(bed: &Testbed, ns: &str, to: Ipv4Addr) -> bool {
-    let out = meshnet::testbed::exec_in(
+    let out = meshnet_testbed::exec_in(
         ns,
         &[
             "ping",
@@ -107,11 +107,10 @@ fn containers_on_different_hosts_reach_each_other_through_proxy_arp() {
     assert_ne!(db.mac, bed.agent_mac(0).unwrap());
 
     // A container that takes another local address gets nowhere with it.
-    let add =
-        meshnet::testbed::exec_in(&c1, &["ip", "addr", "add", "10.42.1.99/16", "dev", "eth0"])
-            .unwrap();
+    let add = meshnet_testbed::exec_in(&c1, &["ip", "addr", "add", "10.42.1.99/16", "dev", "eth0"])
+        .unwrap();
     assert!(add.status.success(), "{add:?}");
-    let spoof = meshnet::testbed::exec_in(
+    let spoof = meshnet_testbed::exec_in(
         &c1,
         &[
             "ping",
@@ -136,12 +135,12 @@ fn containers_on_different_hosts_reach_each_other_through_proxy_arp() {
     // second line and is covered by the node's unit tests.
 
     // The container got what attach promises.
-    let link = meshnet::testbed::exec_in(&c1, &["ip", "-o", "addr", "show", "eth0"]).unwrap();
+    let link = meshnet_testbed::exec_in(&c1, &["ip", "-o", "addr", "show", "eth0"]).unwrap();
     assert!(
         String::from_utf8_lossy(&link.stdout).contains("10.42.1.2/16"),
         "{link:?}"
     );
-    let mtu = meshnet::testbed::exec_in(&c1, &["cat", "/sys/class/net/eth0/mtu"]).unwrap();
+    let mtu = meshnet_testbed::exec_in(&c1, &["cat", "/sys/class/net/eth0/mtu"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&mtu.stdout).trim(), "1420");
     let listed = bed.containers(0).unwrap();
     let web = listed.iter().find(|c| c.name == "web").unwrap();
@@ -206,7 +205,7 @@ fn detach_removes_the_veth_and_frees_the_address() {
 
     let out = bed.meshctl(0, &["detach", "--netns", &c1]).unwrap();
     assert!(out.status.success(), "{out:?}");
-    let eth0 = meshnet::testbed::exec_in(&c1, &["ip", "link", "show", "eth0"]).unwrap();
+    let eth0 = meshnet_testbed::exec_in(&c1, &["ip", "link", "show", "eth0"]).unwrap();
     assert!(!eth0.status.success(), "eth0 is still in the container");
     assert!(
         !host_links(&bed, 0).contains("mv0a2a0102"),
@@ -270,7 +269,7 @@ fn bad_attaches_are_refused_clearly_and_leave_nothing_half_made() {
     refuse(&ports, "at most 8");
 
     // A failure half-way through the plumbing is rolled back.
-    let dummy = meshnet::testbed::exec_in(
+    let dummy = meshnet_testbed::exec_in(
         &busy,
         &[
             "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
@@ -286,7 +285,7 @@ fn bad_attaches_are_refused_clearly_and_leave_nothing_half_made() {
         &["ip", "route", "add", "169.254.169.250/32", "dev", "lo"],
     ] {
         assert!(
-            meshnet::testbed::exec_in(&routed, cmd)
+            meshnet_testbed::exec_in(&routed, cmd)
                 .unwrap()
                 .status
                 .success()
@@ -296,7 +295,7 @@ fn bad_attaches_are_refused_clearly_and_leave_nothing_half_made() {
         &["--netns", &routed, "--name", "y"],
         "route add 169.254.169.250/32",
     );
-    let eth0 = meshnet::testbed::exec_in(&routed, &["ip", "link", "show", "eth0"]).unwrap();
+    let eth0 = meshnet_testbed::exec_in(&routed, &["ip", "link", "show", "eth0"]).unwrap();
     assert!(
         !eth0.status.success(),
         "the half-made eth0 was left in the container"

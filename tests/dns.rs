@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use meshnet::config::Mode;
-use meshnet::testbed::dns::{self, Dnsmasq, UPSTREAM};
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
+use meshnet_testbed::dns::{self, Dnsmasq, UPSTREAM};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
 
 fn bins() -> Binaries {
     Binaries {

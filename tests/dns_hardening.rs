@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use meshnet::config::Mode;
 use meshnet::dns::rate::MAX_TCP_PER_CLIENT;
-use meshnet::testbed::dns::{self, Dnsmasq, Fake, FakeUpstream, SERVICE, UPSTREAM, dig, status_of};
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
+use meshnet_testbed::dns::{self, Dnsmasq, Fake, FakeUpstream, SERVICE, UPSTREAM, dig, status_of};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, wait_until};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 fn bins() -> Binaries {

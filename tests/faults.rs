@@ -23,9 +23,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use meshnet::config::Mode;
 use meshnet::core::{PeerState, PeerStatus};
-use meshnet::testbed::relay::{Impairment, relay_between};
-use meshnet::testbed::spawn_in_netns;
-use meshnet::testbed::{
+use meshnet_testbed::relay::{Impairment, relay_between};
+use meshnet_testbed::spawn_in_netns;
+use meshnet_testbed::{
     Binaries, MeshOptions, Testbed, WireguardGo, exec_in, in_netns, unique_name, wait_until,
 };
 use ring::digest::{Context as Sha, SHA256};

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use meshnet::core::{PeerState, PeerStatus};
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, wait_until};
 
 fn bins() -> Binaries {
     Binaries {

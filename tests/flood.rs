@@ -13,8 +13,8 @@
 use std::time::Duration;
 
 use meshnet::core::PeerState;
-use meshnet::testbed::flood::plan;
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, wait_until};
+use meshnet_testbed::flood::plan;
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, wait_until};
 
 fn bins() -> Binaries {
     Binaries {

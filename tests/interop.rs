@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshnet::core::{PeerState, PeerStatus};
 use meshnet::keys::PresharedKey;
-use meshnet::testbed::{
+use meshnet_testbed::{
     Binaries, MeshOptions, Testbed, WireguardGo, exec_in, unique_name, wait_until,
 };
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use meshnet::config::Mode;
 use meshnet::core::ethernet::Mac;
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, neighbour_mac, wait_until};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, neighbour_mac, wait_until};
 
 const SERVICE: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 250);
 
@@ -265,10 +265,10 @@ fn a_container_sends_only_from_its_own_mac_and_address() {
     );
     let seen = cap.finish().unwrap();
     assert_eq!(
-        meshnet::testbed::pcap_packet_count(&seen),
+        meshnet_testbed::pcap_packet_count(&seen),
         0,
         "IPv6 from c1 reached its neighbour:\n{}",
-        meshnet::testbed::pcap_summary(&seen)
+        meshnet_testbed::pcap_summary(&seen)
     );
 }
 
@@ -471,11 +471,11 @@ fn same_host_throughput_with_and_without_the_filter() {
         let out = exec_in(&c1, &["iperf3", "-J", "-t", "3", "-c", &a2.to_string()]).unwrap();
         let _ = server.wait();
         let r =
-            meshnet::testbed::measure::parse_iperf3(&String::from_utf8_lossy(&out.stdout)).unwrap();
+            meshnet_testbed::measure::parse_iperf3(&String::from_utf8_lossy(&out.stdout)).unwrap();
         results[usize::from(!filtered)].push(r.bits_per_second / 1e9);
     }
     for (label, r) in ["with filter", "without filter"].iter().zip(&results) {
-        let median = meshnet::testbed::measure::median(r).unwrap();
+        let median = meshnet_testbed::measure::median(r).unwrap();
         println!("same-host TCP {label}: {r:.2?} Gbit/s, median {median:.2}");
     }
 }

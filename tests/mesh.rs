@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use meshnet::core::{PeerState, PeerStatus};
-use meshnet::testbed::{
+use meshnet_testbed::{
     Binaries, MeshOptions, Testbed, pcap_packet_count, pcap_summary, wait_until,
 };
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use meshnet::config::Mode;
 use meshnet::dns::ContainerRecord;
 use meshnet::dns::sync::{MAX_PARTS, Message, SYNC_PORT, Stamp, encode_snapshot};
-use meshnet::testbed::{
+use meshnet_testbed::{
     Binaries, MeshOptions, Testbed, WireguardGo, exec_in, in_netns, unique_name, wait_until,
 };
 

@@ -29,10 +29,10 @@ pub mod flood;
 pub mod measure;
 pub mod relay;
 
-use crate::config::Mode;
-use crate::control::{self, Request, Response};
-use crate::core::{PeerState, PeerStatus};
-use crate::keys::PrivateKey;
+use meshnet::config::Mode;
+use meshnet::control::{self, Request, Response};
+use meshnet::core::{PeerState, PeerStatus};
+use meshnet::keys::PrivateKey;
 
 /// Every testbed namespace starts with this, then the owning pid.
 const NS_PREFIX: &str = "mn-";
@@ -409,7 +409,7 @@ impl Testbed {
     }
 
     /// Host `i`'s agent MAC (TAP mode), through its status.
-    pub fn agent_mac(&self, i: usize) -> Result<crate::core::ethernet::Mac> {
+    pub fn agent_mac(&self, i: usize) -> Result<meshnet::core::ethernet::Mac> {
         self.status(i)?
             .agent_mac
             .context("the agent reports no MAC: is it in TAP mode?")
@@ -470,7 +470,7 @@ impl Testbed {
     }
 
     /// The DNS records host `i` serves, through the control socket.
-    pub fn records(&self, i: usize) -> Result<Vec<crate::dns::RecordView>> {
+    pub fn records(&self, i: usize) -> Result<Vec<meshnet::dns::RecordView>> {
         match control::request(&self.hosts[i].socket, &Request::Dns)? {
             Response::Records(r) => Ok(r),
             other => bail!("unexpected response {other:?}"),
@@ -511,7 +511,7 @@ impl Testbed {
     }
 
     /// Host `i`'s containers, through `meshctl containers --json`.
-    pub fn containers(&self, i: usize) -> Result<Vec<crate::core::ipam::Container>> {
+    pub fn containers(&self, i: usize) -> Result<Vec<meshnet::core::ipam::Container>> {
         let out = self.meshctl(i, &["containers", "--json"])?;
         ensure!(
             out.status.success(),
@@ -825,7 +825,7 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 }
 
 /// The MAC namespace `ns` has in its neighbour table for `addr`, if any.
-pub fn neighbour_mac(ns: &str, addr: Ipv4Addr) -> Option<crate::core::ethernet::Mac> {
+pub fn neighbour_mac(ns: &str, addr: Ipv4Addr) -> Option<meshnet::core::ethernet::Mac> {
     let out = exec_in(ns, &["ip", "neigh", "show", &addr.to_string()]).ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut words = text.split_whitespace();

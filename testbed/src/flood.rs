@@ -16,7 +16,7 @@ use boringtun::noise::{Tunn, TunnResult};
 
 use super::measure;
 use super::{Testbed, exec_in, in_netns};
-use crate::keys::PrivateKey;
+use meshnet::keys::PrivateKey;
 
 /// What one flood did and cost.
 #[derive(Debug, Clone)]
@@ -133,7 +133,7 @@ impl Flood {
 
 /// One initiation to `target` from a key it does not know: a valid mac1,
 /// which is all a flooder needs.
-fn initiation_for(target: &crate::keys::PublicKey) -> Result<Vec<u8>> {
+fn initiation_for(target: &meshnet::keys::PublicKey) -> Result<Vec<u8>> {
     let stranger = PrivateKey::generate()?;
     let mut tunn = Tunn::new(
         stranger.to_x25519(),
