@@ -13,5 +13,6 @@ pub mod core;
 pub mod dns;
 pub mod keys;
 pub mod membership;
+pub mod policy;
 pub mod report;
 pub mod uapi;

@@ -95,6 +95,8 @@ pub struct Config {
     /// Inner MTU; `None` means underlay MTU minus 80.
     pub mtu: Option<u16>,
     pub membership: Membership,
+    /// Who may reach whom; allows everything without a `[policy]` table.
+    pub policy: crate::policy::Policy,
 }
 
 impl Config {
@@ -126,6 +128,7 @@ struct RawConfig {
     #[serde(default)]
     peer: Vec<Spanned<RawPeer>>,
     dns: Option<RawDns>,
+    policy: Option<policy::RawPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +290,7 @@ impl Validator<'_> {
             cluster_psk,
         };
         let peers = self.peers(&raw.peer, &own, overlay)?;
+        let policy = self.policy(raw.policy.as_ref())?;
         Ok(Config {
             file: self.file.to_owned(),
             name,
@@ -302,6 +306,7 @@ impl Validator<'_> {
             dns,
             mtu,
             membership: Membership { peers },
+            policy,
         })
     }
 
@@ -579,6 +584,8 @@ struct Own<'a> {
     key: PublicKey,
     subnet: Ipv4Net,
 }
+
+mod policy;
 
 #[cfg(test)]
 mod tests;

@@ -429,3 +429,145 @@ fn dns_table_defaults_and_values() {
     let e = f.err(&format!("{HEAD}[dns]\ndomian = \"x\"\n"));
     assert_eq!(e.key.as_deref(), Some("domian"), "{e}");
 }
+
+const POLICY: &str = r#"
+[policy]
+default = "deny"
+within = "stack"
+
+[[policy.tenant]]
+name = "blue"
+hosts = ["h1", "h2"]
+
+[[policy.tenant]]
+name = "red"
+hosts = ["h3"]
+
+[[policy.rule]]
+name = "web-db"
+from = { stack = "web" }
+to = { stack = "db", service = "pg" }
+ports = ["5432/tcp"]
+action = "allow"
+
+[[policy.test]]
+from = { stack = "web", host = "h1" }
+to = { stack = "db", service = "pg", host = "h2" }
+port = "5432/tcp"
+expect = "allow"
+
+[[policy.test]]
+from = { stack = "web", host = "h1" }
+to = { stack = "web", host = "h3" }
+port = "80/tcp"
+expect = "deny"
+"#;
+
+#[test]
+fn a_policy_parses_and_its_tests_pass() {
+    let f = Fixture::new();
+    let c = f.parse(&format!("{HEAD}{POLICY}")).unwrap();
+    let p = &c.policy;
+    assert_eq!(p.default, crate::policy::Action::Deny);
+    assert_eq!(p.within, Some(crate::policy::Within::Stack));
+    assert_eq!(p.tenants.len(), 2);
+    assert_eq!(p.rules[0].ports[0].port, Some(5432));
+    assert_eq!(p.tests.len(), 2);
+    assert!(f.parse(HEAD).unwrap().policy.allows_everything());
+}
+
+/// The line (1-based) of the first line of `text` containing `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines().position(|l| l.contains(needle)).unwrap() + 1
+}
+
+#[test]
+fn bad_policies_name_the_line_and_key() {
+    let f = Fixture::new();
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "default = \"deny\"",
+            "default = \"dney\"",
+            "policy.default",
+            "unknown action",
+        ),
+        (
+            "\"5432/tcp\"",
+            "\"0/tcp\"",
+            "policy.rule.web-db.ports",
+            "out of range",
+        ),
+        (
+            "\"5432/tcp\"",
+            "\"65536/tcp\"",
+            "policy.rule.web-db.ports",
+            "out of range",
+        ),
+        (
+            "\"5432/tcp\"",
+            "\"5432/sctp\"",
+            "policy.rule.web-db.ports",
+            "unknown protocol",
+        ),
+        (
+            "within = \"stack\"",
+            "within = \"stak\"",
+            "policy.within",
+            "unknown grouping",
+        ),
+        (
+            "action = \"allow\"",
+            "action = \"alow\"",
+            "policy.rule.web-db.action",
+            "unknown action",
+        ),
+        (
+            "within = \"stack\"",
+            "withn = \"stack\"",
+            "withn",
+            "unknown field",
+        ),
+        (
+            "hosts = [\"h3\"]",
+            "hosts = [\"h1\"]",
+            "policy.tenant.red.hosts",
+            "already in tenant",
+        ),
+    ];
+    for (from, to, key, message) in cases {
+        let text = format!("{HEAD}{POLICY}").replacen(from, to, 1);
+        let e = f.err(&text);
+        assert_eq!(e.key.as_deref(), Some(*key), "{to}: {e}");
+        assert_eq!(e.line, Some(line_of(&text, to)), "{to}: {e}");
+        assert!(e.message.contains(message), "{to}: {e}");
+    }
+}
+
+#[test]
+fn duplicate_rules_cross_tenant_rules_and_failing_tests_are_refused() {
+    let f = Fixture::new();
+    let dup = format!(
+        "{HEAD}{POLICY}\n[[policy.rule]]\nname = \"web-db\"\nfrom = {{ stack = \"a\" }}\nto = {{ stack = \"b\" }}\naction = \"deny\"\n"
+    );
+    let e = f.err(&dup);
+    assert_eq!(
+        (e.key.as_deref(), e.line),
+        (Some("policy.rule.name"), Some(dup.lines().count() - 3))
+    );
+    let across = format!(
+        "{HEAD}{POLICY}\n[[policy.rule]]\nname = \"x\"\nfrom = {{ stack = \"a\", tenant = \"blue\" }}\nto = {{ stack = \"b\", tenant = \"red\" }}\naction = \"allow\"\n"
+    );
+    let e = f.err(&across);
+    assert_eq!(e.key.as_deref(), Some("policy.rule.x.to.tenant"));
+    assert_eq!(e.line, Some(line_of(&across, "tenant = \"red\" }")));
+    assert!(e.message.contains("tenants never reach each other"), "{e}");
+    let failing = format!("{HEAD}{POLICY}").replacen("expect = \"deny\"", "expect = \"allow\"", 1);
+    let e = f.err(&failing);
+    assert_eq!(e.key.as_deref(), Some("policy.test"));
+    assert!(
+        e.message.contains("tenant blue never reaches tenant red"),
+        "{e}"
+    );
+    let empty = format!("{HEAD}{POLICY}").replacen("from = { stack = \"web\" }", "from = {}", 1);
+    assert!(f.err(&empty).message.contains("needs a stack or a service"));
+}
