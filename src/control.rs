@@ -32,8 +32,20 @@ pub enum Request {
     Status,
     Containers,
     Attach(AttachRequest),
-    Detach { netns: String },
+    Detach {
+        netns: String,
+    },
     Dns,
+    /// `meshctl policy test`: the verdict for a first packet.
+    PolicyTest {
+        from: String,
+        to: String,
+        port: String,
+    },
+    /// `meshctl drops`: policy drops after a sequence number.
+    Drops {
+        after: u64,
+    },
 }
 
 /// `meshctl attach`: give the container in `netns` an overlay address.
@@ -57,6 +69,8 @@ pub enum Response {
     Containers(Vec<Container>),
     Container(Container),
     Records(Vec<crate::dns::RecordView>),
+    Verdict(crate::policy::explain::VerdictView),
+    Drops(Vec<crate::policy::explain::DropView>),
     Error(String),
 }
 

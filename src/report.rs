@@ -182,6 +182,54 @@ pub fn containers(list: &[Container]) -> String {
     s
 }
 
+/// `meshctl policy test`: the verdict, then why.
+pub fn verdict(v: &crate::policy::explain::VerdictView) -> String {
+    let mut s = format!("{}: {} -> {} {}\n", v.action, v.from, v.to, v.port);
+    let _ = writeln!(s, "  tier:   {}", v.tier);
+    if let Some(rule) = &v.rule {
+        let _ = writeln!(s, "  rule:   {rule}");
+    }
+    let _ = writeln!(s, "  reason: {}", v.reason);
+    s
+}
+
+/// `meshctl drops`: one line per dropped packet, oldest first. With
+/// `empty_note`, an empty list says so.
+pub fn drops(list: &[crate::policy::explain::DropView], empty_note: bool) -> String {
+    if list.is_empty() {
+        return if empty_note {
+            "no packets dropped by the policy recently\n".to_owned()
+        } else {
+            String::new()
+        };
+    }
+    let mut s = String::new();
+    for d in list {
+        let who = match (&d.from, &d.to) {
+            (None, None) => String::new(),
+            (from, to) => format!(
+                "  {} -> {}",
+                from.as_deref().unwrap_or("?"),
+                to.as_deref().unwrap_or("?")
+            ),
+        };
+        let rule = d
+            .rule
+            .as_deref()
+            .map(|r| format!(" {r}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{:>8}  {:<7}  {}{who}  [{}{rule}]",
+            format!("{:.1}s ago", d.age_ms as f64 / 1000.0),
+            d.direction,
+            d.flow,
+            d.tier
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

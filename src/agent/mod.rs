@@ -168,8 +168,10 @@ pub async fn run(
         sync_out: sync.outbound,
         sync_refused: sync.refused,
         dns_counters,
+        policy_version: 0,
     };
     let mut shell = shell;
+    shell.refresh_policy();
     shell.publish_records();
     let result = shell
         .serve(control_rx, ops_rx, &mut membership, shutdown)
@@ -210,6 +212,8 @@ struct Shell {
     sync_out: mpsc::Receiver<crate::dns::sync::Transmit>,
     sync_refused: Arc<AtomicU64>,
     dns_counters: Arc<dns_server::Counters>,
+    /// Rises with every new policy or set of identities.
+    policy_version: u64,
 }
 
 /// The packet task's ends of the records sync.
@@ -298,6 +302,7 @@ impl Shell {
                 Some((req, reply)) = control.recv() => self.answer(req, reply),
                 Some(done) = ops.recv() => self.finish_op(done),
                 Ok(()) = self.zone_includes.changed() => self.release_replies(),
+                Ok(()) = self.zone.changed() => self.refresh_policy(),
                 Some(transmit) = self.sync_out.recv() => {
                     let now = Instant::now();
                     self.node.send_sync(now, &transmit.to, &transmit.payload, &mut out);
@@ -393,6 +398,19 @@ impl Shell {
         out.clear();
     }
 
+    /// Gives the node the configured policy with the identities of the
+    /// newest zone, as one new version.
+    fn refresh_policy(&mut self) {
+        let identities = self.zone.borrow_and_update().identities().clone();
+        self.policy_version += 1;
+        self.node
+            .set_policy(Arc::new(crate::policy::conntrack::Rules {
+                policy: self.config.policy.clone(),
+                identities,
+                version: self.policy_version,
+            }));
+    }
+
     fn answer(&mut self, req: Request, reply: tokio::sync::oneshot::Sender<Response>) {
         let now = Instant::now();
         let response = match req {
@@ -403,6 +421,18 @@ impl Shell {
                 None => Response::Containers(Vec::new()),
             },
             Request::Dns => Response::Records(self.zone.borrow().views().to_vec()),
+            Request::PolicyTest { from, to, port } => {
+                let rules = self.node.policy().rules();
+                match crate::policy::explain::test(rules, &from, &to, &port) {
+                    Ok(verdict) => Response::Verdict(verdict),
+                    Err(e) => Response::Error(e.to_string()),
+                }
+            }
+            Request::Drops { after } => {
+                let policy = self.node.policy();
+                let records = policy.recent_drops(after);
+                Response::Drops(crate::policy::explain::drops(policy.rules(), records, now))
+            }
             Request::Attach(req) => return self.begin_attach(req, reply),
             Request::Detach { netns } => return self.begin_detach(netns, reply),
         };

@@ -100,6 +100,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Explain the network policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Show recent packets the policy dropped, with direction, tier and rule.
+    Drops {
+        /// Keep printing new drops as they happen (until interrupted).
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// The verdict for a first packet from SRC to DST, with its tier, rule and
+    /// reason, decided by the same function the data path calls. Exit status:
+    /// 0 allow, 1 deny, 2 bad input.
+    #[command(
+        after_help = "Example:\n  meshctl policy test web1.web db1.db 5432/tcp\n  \
+                            meshctl policy test 10.42.1.2 10.42.3.2 icmp"
+    )]
+    Test {
+        /// Source: an overlay address, NAME.STACK, or a host name.
+        src: String,
+        /// Destination: an overlay address, NAME.STACK, or a host name.
+        dst: String,
+        /// PORT/PROTO (5432/tcp, 53/udp) or icmp.
+        port: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -198,6 +230,59 @@ fn run(args: Args) -> anyhow::Result<()> {
             Response::Containers(list) => show(&list, json, |l| report::containers(l)),
             other => unexpected(other),
         },
+        Command::Policy(PolicyCommand::Test {
+            src,
+            dst,
+            port,
+            json,
+        }) => policy_test(&socket, src, dst, port, json),
+        Command::Drops { follow, json } => drops(&socket, follow, json),
+    }
+}
+
+/// Exits 0 on allow, 1 on deny, 2 when the agent refused the input.
+fn policy_test(
+    socket: &std::path::Path,
+    from: String,
+    to: String,
+    port: String,
+    json: bool,
+) -> anyhow::Result<()> {
+    let req = Request::PolicyTest { from, to, port };
+    match control::request(socket, &req) {
+        Ok(Response::Verdict(v)) => {
+            show(&v, json, report::verdict)?;
+            std::process::exit(if v.action == "allow" { 0 } else { 1 });
+        }
+        Err(control::ControlError::Agent(message)) => {
+            eprintln!("meshctl: {message}");
+            std::process::exit(2);
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How often `drops --follow` asks for new drops.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn drops(socket: &std::path::Path, follow: bool, json: bool) -> anyhow::Result<()> {
+    let mut after = 0;
+    loop {
+        let Response::Drops(list) = control::request(socket, &Request::Drops { after })? else {
+            anyhow::bail!("unexpected response to drops");
+        };
+        after = list.last().map_or(after, |d| d.sequence);
+        if json {
+            print_json(&list)?;
+        } else {
+            print!("{}", report::drops(&list, !follow || after == 0));
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::io::stdout().flush()?;
+        std::thread::sleep(FOLLOW_EVERY);
     }
 }
 

@@ -43,10 +43,14 @@ pub enum DropReason {
     SyncBacklog,
     /// A handshake message from a source over its per-second budget.
     HandshakeFlood,
+    /// The policy denied a packet from this host's side, before sealing.
+    PolicyEgress,
+    /// The policy denied a packet a peer sealed, after decryption.
+    PolicyIngress,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::NotIpv4,
         DropReason::Malformed,
         DropReason::ForeignSource,
@@ -64,6 +68,8 @@ impl DropReason {
         DropReason::SyncPort,
         DropReason::SyncBacklog,
         DropReason::HandshakeFlood,
+        DropReason::PolicyEgress,
+        DropReason::PolicyIngress,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +91,8 @@ impl DropReason {
             DropReason::SyncPort => "sync_port",
             DropReason::SyncBacklog => "sync_backlog",
             DropReason::HandshakeFlood => "handshake_flood",
+            DropReason::PolicyEgress => "policy_egress",
+            DropReason::PolicyIngress => "policy_ingress",
         }
     }
 }

@@ -32,6 +32,9 @@ use super::{DropCounters, DropReason, PeerState};
 use crate::dns::sync::SYNC_PORT;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::membership::{self, Membership, PeerSpec};
+use crate::policy::Action;
+use crate::policy::conntrack::Rules;
+use crate::policy::enforcer::{Direction, Enforcer};
 
 /// Handshakes per second answered before cookies are required; the value
 /// boringtun's own device uses.
@@ -106,6 +109,8 @@ pub struct Node {
     tap: Option<Tap>,
     /// Where records-sync packets are built before sealing (reused).
     sync_packet: Vec<u8>,
+    /// Who may reach whom, and the flows it allowed.
+    policy: Enforcer,
 }
 
 impl Node {
@@ -145,6 +150,7 @@ impl Node {
             icmp_budget: ICMP_ERRORS_PER_SECOND,
             icmp_window: now,
             sync_packet: Vec::new(),
+            policy: Enforcer::default(),
         }
     }
 
@@ -264,6 +270,15 @@ impl Node {
         if packet::targets_sync_port(packet, peer_host, SYNC_PORT) {
             return self.drop(DropReason::SyncPort);
         }
+        if self.policy.check(now, Direction::Egress, packet).action == Action::Deny {
+            if self.policy.rules().policy.reject {
+                self.reply_prohibited(packet, out);
+            }
+            return self.drop(DropReason::PolicyEgress);
+        }
+        let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
+            return self.drop(DropReason::NoRoute);
+        };
         if let Err(reason) = peer.send(now, packet, out) {
             peer.count_drop();
             self.drop(reason);
@@ -315,7 +330,15 @@ impl Node {
                 let own_host = membership::host_address(subnet);
                 match packet::sync_inbound(out.placed_bytes(placed), own_host, peer_host, SYNC_PORT)
                 {
-                    SyncPort::Other => self.deliver(placed, out),
+                    SyncPort::Other => {
+                        let packet = out.placed_bytes(placed);
+                        if self.policy.check(now, Direction::Ingress, packet).action == Action::Deny
+                        {
+                            self.drop(DropReason::PolicyIngress);
+                        } else {
+                            self.deliver(placed, out);
+                        }
+                    }
                     SyncPort::Message(payload) => out.commit_sync(key, placed.slice(payload)),
                     SyncPort::Misused => self.drop(DropReason::SyncPort),
                 }
@@ -341,6 +364,17 @@ impl Node {
         for peer in self.peers.iter_mut().flatten() {
             peer.tick(now, out);
         }
+        self.policy.tick(now);
+    }
+
+    /// Swaps in new policy rules (a reload, or new records): tracked flows
+    /// are decided again at their next packet.
+    pub fn set_policy(&mut self, rules: Arc<Rules>) {
+        self.policy.set_rules(rules);
+    }
+
+    pub fn policy(&self) -> &Enforcer {
+        &self.policy
     }
 
     pub fn peer_statuses(&self, now: Instant) -> Vec<PeerStatus> {
@@ -467,6 +501,22 @@ impl Node {
         let room = out.spare(headroom + ICMP_ERROR_MAX);
         let start = room.as_ptr();
         if let Some(len) = packet::host_unreachable(packet, &mut room[headroom..]) {
+            let placed = Placed::within(start, &room[headroom..headroom + len]);
+            self.icmp_budget -= 1;
+            self.deliver(placed, out);
+        }
+    }
+
+    /// The policy's `reject`: tells the local sender at once, within the
+    /// same budget as other ICMP errors.
+    fn reply_prohibited(&mut self, packet: &[u8], out: &mut Outbox) {
+        if self.icmp_budget == 0 {
+            return;
+        }
+        let headroom = self.headroom();
+        let room = out.spare(headroom + ICMP_ERROR_MAX);
+        let start = room.as_ptr();
+        if let Some(len) = packet::prohibited(packet, &mut room[headroom..]) {
             let placed = Placed::within(start, &room[headroom..headroom + len]);
             self.icmp_budget -= 1;
             self.deliver(placed, out);

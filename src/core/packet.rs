@@ -109,6 +109,16 @@ pub const ICMP_ERROR_MAX: usize = 576;
 /// this host owns would be dropped by the kernel as a martian when it comes
 /// back in through the device.
 pub fn host_unreachable(original: &[u8], out: &mut [u8]) -> Option<usize> {
+    unreachable(original, DestUnreachableHeader::Host, out)
+}
+
+/// Writes an ICMP "communication administratively prohibited" about
+/// `original` (the policy's `reject`), like `host_unreachable`.
+pub fn prohibited(original: &[u8], out: &mut [u8]) -> Option<usize> {
+    unreachable(original, DestUnreachableHeader::FilterProhibited, out)
+}
+
+fn unreachable(original: &[u8], kind: DestUnreachableHeader, out: &mut [u8]) -> Option<usize> {
     let header = Ipv4HeaderSlice::from_slice(original).ok()?;
     let first_fragment = header.fragments_offset().value() == 0;
     let about_icmp_error = header.protocol() == IpNumber::ICMP
@@ -121,9 +131,8 @@ pub fn host_unreachable(original: &[u8], out: &mut [u8]) -> Option<usize> {
     }
     let total = usize::from(header.total_len()).clamp(header.slice().len(), original.len());
     let quoted = &original[..total.min(ICMP_QUOTE_MAX)];
-    let builder = PacketBuilder::ipv4(header.destination(), header.source(), 64).icmpv4(
-        etherparse::Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Host),
-    );
+    let builder = PacketBuilder::ipv4(header.destination(), header.source(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(kind));
     if out.len() < builder.size(quoted.len()) {
         return None;
     }

@@ -234,6 +234,8 @@ pub struct Zone {
     names: BTreeSet<String>,
     views: Vec<RecordView>,
     conflicts: usize,
+    /// Who each address is, for the policy.
+    identities: crate::policy::Identities,
 }
 
 impl Zone {
@@ -254,6 +256,7 @@ impl Zone {
             ..Zone::default()
         };
         z.names.insert(domain.clone());
+        z.identities = crate::policy::Identities::build(hosts.iter().copied());
         // Names that belong to one host: host names and container names.
         let mut owners: HashMap<String, &str> = HashMap::new();
         let mut services: BTreeMap<String, Vec<&ContainerRecord>> = BTreeMap::new();
@@ -294,6 +297,11 @@ impl Zone {
     /// and left out of the zone.
     pub fn conflicts(&self) -> usize {
         self.conflicts
+    }
+
+    /// Who each address is, as the policy labels it.
+    pub fn identities(&self) -> &crate::policy::Identities {
+        &self.identities
     }
 
     pub fn domain(&self) -> &str {

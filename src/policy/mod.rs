@@ -12,6 +12,8 @@
 //! Must never: do IO, read the clock, or allocate per decision.
 
 pub mod conntrack;
+pub mod enforcer;
+pub mod explain;
 pub mod identity;
 
 use std::fmt;

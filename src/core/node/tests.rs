@@ -949,3 +949,133 @@ fn an_initiation_stamped_in_our_past_is_answered_by_initiating() {
     h.node.handle_datagram(sim.now, from, &older, &mut h.out);
     assert_eq!(initiations_to_h1(h), 0, "at most once per REKEY_TIMEOUT");
 }
+
+mod policy {
+    use super::*;
+    use crate::dns::HostRecords;
+    use crate::dns::records::ContainerRecord;
+    use crate::policy::conntrack::Rules;
+    use crate::policy::{Identities, Policy, Rule, Selector};
+
+    /// h0 and h2 each run one container; only web (h0) may reach db (h2)
+    /// on 5432/udp; everything else is denied.
+    fn rules(version: u64, allow: bool, reject: bool) -> Arc<Rules> {
+        let host = |name: &str, last: u8, c: (&str, &str)| HostRecords {
+            host: name.into(),
+            address: Ipv4Addr::new(10, 42, last, 1),
+            containers: vec![ContainerRecord {
+                name: c.0.into(),
+                stack: c.1.into(),
+                service: None,
+                address: Ipv4Addr::new(10, 42, last, 2),
+                ports: Vec::new(),
+            }],
+        };
+        let (h0, h2) = (host("h0", 1, ("web1", "web")), host("h2", 3, ("db1", "db")));
+        let stack = |s: &str| Selector {
+            stack: Some(s.into()),
+            service: None,
+            tenant: None,
+        };
+        Arc::new(Rules {
+            policy: Policy {
+                default: crate::policy::Action::Deny,
+                reject,
+                rules: allow
+                    .then(|| Rule {
+                        name: "web-db".into(),
+                        from: stack("web"),
+                        to: stack("db"),
+                        ports: vec!["5432/udp".parse().unwrap()],
+                        action: crate::policy::Action::Allow,
+                    })
+                    .into_iter()
+                    .collect(),
+                ..Policy::default()
+            },
+            identities: Identities::build([&h0, &h2]),
+            version,
+        })
+    }
+
+    #[test]
+    fn egress_denies_before_sealing_and_replies_of_allowed_flows_pass() {
+        let mut sim = Sim::mesh(&three_hosts(), None);
+        for h in [0, 2] {
+            sim.hosts[h].node.set_policy(rules(1, true, false));
+        }
+        let query = udp([10, 42, 1, 2], [10, 42, 3, 2], 40000, 5432, b"q");
+        let other = udp([10, 42, 1, 2], [10, 42, 3, 2], 40000, 5433, b"x");
+        sim.send_from_device(0, &query);
+        sim.send_from_device(0, &other);
+        sim.run();
+        assert_eq!(sim.hosts[2].delivered, vec![query]);
+        assert_eq!(sim.hosts[0].node.drops().get(DropReason::PolicyEgress), 1);
+        // The answer goes back against the rule's direction: a reply.
+        let answer = udp([10, 42, 3, 2], [10, 42, 1, 2], 5432, 40000, b"a");
+        sim.send_from_device(2, &answer);
+        sim.run();
+        assert_eq!(sim.hosts[0].delivered, vec![answer]);
+        // A new flow from db to web is not a reply.
+        let unasked = udp([10, 42, 3, 2], [10, 42, 1, 2], 5432, 40001, b"u");
+        sim.send_from_device(2, &unasked);
+        sim.run();
+        assert_eq!(sim.hosts[0].delivered.len(), 1);
+        assert_eq!(sim.hosts[2].node.drops().get(DropReason::PolicyEgress), 1);
+    }
+
+    #[test]
+    fn ingress_holds_against_a_sender_without_policy() {
+        let mut sim = Sim::mesh(&three_hosts(), None);
+        // Only the receiver has a policy, as with a plain WireGuard peer.
+        sim.hosts[2].node.set_policy(rules(1, true, false));
+        let forbidden = udp([10, 42, 1, 2], [10, 42, 3, 2], 40000, 22, b"f");
+        for _ in 0..5 {
+            sim.send_from_device(0, &forbidden);
+        }
+        sim.run();
+        assert!(sim.hosts[2].delivered.is_empty());
+        assert_eq!(sim.hosts[2].node.drops().get(DropReason::PolicyIngress), 5);
+        let key = (Direction::Ingress, crate::policy::Tier::Default, None);
+        assert_eq!(sim.hosts[2].node.policy().counters()[&key], 5);
+    }
+
+    #[test]
+    fn a_removed_rule_stops_the_flow_at_its_next_packet() {
+        let mut sim = Sim::mesh(&three_hosts(), None);
+        sim.hosts[0].node.set_policy(rules(1, true, false));
+        let query = udp([10, 42, 1, 2], [10, 42, 3, 2], 40000, 5432, b"q");
+        sim.send_from_device(0, &query);
+        sim.run();
+        sim.hosts[0].node.set_policy(rules(2, true, false));
+        sim.send_from_device(0, &query);
+        sim.run();
+        assert_eq!(
+            sim.hosts[2].delivered.len(),
+            2,
+            "still allowed after a reload"
+        );
+        sim.hosts[0].node.set_policy(rules(3, false, false));
+        sim.send_from_device(0, &query);
+        sim.run();
+        assert_eq!(sim.hosts[2].delivered.len(), 2);
+        assert_eq!(sim.hosts[0].node.drops().get(DropReason::PolicyEgress), 1);
+    }
+
+    #[test]
+    fn reject_answers_the_sender_with_icmp_prohibited() {
+        let mut sim = Sim::mesh(&three_hosts(), None);
+        sim.hosts[0].node.set_policy(rules(1, true, true));
+        let forbidden = udp([10, 42, 1, 2], [10, 42, 3, 2], 40000, 22, b"f");
+        sim.send_from_device(0, &forbidden);
+        let icmp: Vec<_> = sim.hosts[0].out.device().map(<[u8]>::to_vec).collect();
+        assert_eq!(sim.hosts[0].out.network().len(), 0);
+        assert_eq!(icmp.len(), 1);
+        assert_eq!(
+            (icmp[0][20], icmp[0][21]),
+            (3, 13),
+            "administratively prohibited"
+        );
+        assert_eq!(&icmp[0][16..20], &[10, 42, 1, 2]);
+    }
+}
