@@ -93,7 +93,7 @@ impl Containers {
                 info!(container = %c.name, address = %c.address, "container vanished while the agent was down; address freed");
             }
         }
-        install_filter(&mut ipam).await?;
+        install_filter(&mut ipam, !config.policy.allows_everything()).await?;
         for c in ipam.containers() {
             netops::enslave(&c.host_veth, &config.bridge).await?;
             node.set_neighbour(c.address, c.mac);
@@ -405,7 +405,7 @@ impl Shell {
 /// transaction, so a stale or tampered table is replaced before any port
 /// is (re)enslaved. A record whose port name the filter cannot take is
 /// freed rather than left unfiltered.
-async fn install_filter(ipam: &mut Ipam) -> Result<(), NetopsError> {
+async fn install_filter(ipam: &mut Ipam, hairpin: bool) -> Result<(), NetopsError> {
     let mut ports = Vec::new();
     let mut refused = Vec::new();
     for c in ipam.containers() {
@@ -420,8 +420,8 @@ async fn install_filter(ipam: &mut Ipam) -> Result<(), NetopsError> {
     for netns in refused {
         ipam.release(&netns);
     }
-    netops::install_filter(&ports).await?;
-    info!(ports = ports.len(), "bridge filter installed");
+    netops::install_filter(&ports, hairpin).await?;
+    info!(ports = ports.len(), hairpin, "bridge filter installed");
     Ok(())
 }
 

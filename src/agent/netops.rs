@@ -133,12 +133,13 @@ pub async fn enslave(link: &str, bridge: &str) -> Result<(), NetopsError> {
 /// changes): fails when `nft` is missing or the kernel lacks bridge
 /// filtering.
 async fn check_filter() -> Result<(), NetopsError> {
-    nft(&["-c", "-f", "-"], &isolation::full_table(&[])).await
+    nft(&["-c", "-f", "-"], &isolation::full_table(&[], true)).await
 }
 
-/// Replaces the bridge filter with one for exactly `ports`, atomically.
-pub async fn install_filter(ports: &[Port]) -> Result<(), NetopsError> {
-    nft(&["-f", "-"], &isolation::full_table(ports)).await
+/// Replaces the bridge filter with one for exactly `ports`, atomically;
+/// with `hairpin`, containers reach each other only through the agent.
+pub async fn install_filter(ports: &[Port], hairpin: bool) -> Result<(), NetopsError> {
+    nft(&["-f", "-"], &isolation::full_table(ports, hairpin)).await
 }
 
 /// Creates the veth pair, moves one end into the namespace as `eth0`, and

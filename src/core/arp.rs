@@ -69,6 +69,12 @@ pub enum ArpIgnore {
 pub trait Owners {
     /// Whether another host of the mesh owns `addr`.
     fn remote(&self, addr: Ipv4Addr) -> bool;
+
+    /// Whether the agent stands in for a container of this host towards
+    /// another of its containers (so the policy sees their traffic).
+    fn hairpin(&self, _addr: Ipv4Addr, _asker: Mac) -> bool {
+        false
+    }
 }
 
 pub struct ArpResponder {
@@ -136,7 +142,7 @@ impl ArpResponder {
         } else if !self.overlay.contains(&target) {
             Some(ArpIgnore::OutsideOverlay)
         } else if self.own_subnet.contains(&target) {
-            Some(ArpIgnore::OwnSubnet)
+            (!owners.hairpin(target, source)).then_some(ArpIgnore::OwnSubnet)
         } else if !owners.remote(target) {
             Some(ArpIgnore::Unowned)
         } else {

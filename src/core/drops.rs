@@ -47,10 +47,12 @@ pub enum DropReason {
     PolicyEgress,
     /// The policy denied a packet a peer sealed, after decryption.
     PolicyIngress,
+    /// The policy denied a packet between two containers of this host.
+    PolicyLocal,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::NotIpv4,
         DropReason::Malformed,
         DropReason::ForeignSource,
@@ -70,6 +72,7 @@ impl DropReason {
         DropReason::HandshakeFlood,
         DropReason::PolicyEgress,
         DropReason::PolicyIngress,
+        DropReason::PolicyLocal,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +96,7 @@ impl DropReason {
             DropReason::HandshakeFlood => "handshake_flood",
             DropReason::PolicyEgress => "policy_egress",
             DropReason::PolicyIngress => "policy_ingress",
+            DropReason::PolicyLocal => "policy_local",
         }
     }
 }

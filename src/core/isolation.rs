@@ -90,7 +90,10 @@ impl Port {
 /// Replaces the whole table with one holding exactly `ports`. The first
 /// line creates the table if it is missing, so the delete cannot fail:
 /// a stale or tampered table is swapped out in the same transaction.
-pub fn full_table(ports: &[Port]) -> String {
+/// With `hairpin` (a policy that can deny), containers cannot reach each
+/// other directly: the agent answers their ARP for each other, and their
+/// traffic passes the policy on its way through it.
+pub fn full_table(ports: &[Port], hairpin: bool) -> String {
     let mut s = format!("table bridge {TABLE}\ndelete table bridge {TABLE}\n");
     let _ = writeln!(s, "table bridge {TABLE} {{");
     s.push_str("  map ports { type ifname : verdict; }\n");
@@ -106,8 +109,16 @@ pub fn full_table(ports: &[Port]) -> String {
         "  chain prerouting {{\n    type filter hook prerouting priority filter; policy accept;\n    \
          iifname vmap @ports\n    iifname \"{PORT_PREFIX}*\" drop\n  }}\n  \
          chain input {{\n    type filter hook input priority filter; policy accept;\n    \
-         iifname \"{PORT_PREFIX}*\" ether type != arp drop\n  }}\n}}\n"
+         iifname \"{PORT_PREFIX}*\" ether type != arp drop\n  }}\n"
     );
+    if hairpin {
+        let _ = write!(
+            s,
+            "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
+             iifname \"{PORT_PREFIX}*\" oifname \"{PORT_PREFIX}*\" drop\n  }}\n"
+        );
+    }
+    s.push_str("}\n");
     for port in ports {
         s.push_str(&map_add(&port.name));
     }
@@ -197,7 +208,7 @@ mod tests {
     #[test]
     fn the_full_table_replaces_any_old_one_and_fails_closed() {
         assert_eq!(
-            full_table(&[port()]),
+            full_table(&[port()], false),
             "table bridge meshnet\n\
              delete table bridge meshnet\n\
              table bridge meshnet {\n  \
@@ -224,7 +235,7 @@ mod tests {
 
     #[test]
     fn an_empty_table_still_has_the_fail_closed_hooks() {
-        let text = full_table(&[]);
+        let text = full_table(&[], false);
         assert!(text.contains("iifname \"mv*\" drop"));
         assert!(text.contains("iifname \"mv*\" ether type != arp drop"));
         assert!(!text.contains("add element"));
@@ -254,5 +265,18 @@ mod tests {
              flush chain bridge meshnet c_mv0a2a0105\n\
              delete chain bridge meshnet c_mv0a2a0105\n"
         );
+    }
+
+    #[test]
+    fn hairpin_keeps_containers_from_reaching_each_other_directly() {
+        let with = full_table(&[port()], true);
+        assert!(with.contains("chain forward"), "{with}");
+        assert!(
+            with.contains("iifname \"mv*\" oifname \"mv*\" drop"),
+            "{with}"
+        );
+        assert!(!full_table(&[port()], false).contains("chain forward"));
+        // Still one table, closed once.
+        assert_eq!(with.matches("\n}\n").count(), 1, "{with}");
     }
 }

@@ -71,9 +71,29 @@ struct Tap {
     arp: ArpResponder,
 }
 
-impl<T> arp::Owners for RouteTable<T> {
+/// Who the agent answers ARP for: remote addresses always; with a policy
+/// that can deny, also this host's containers when another of them asks,
+/// so same-host traffic passes the policy too (the bridge filter keeps
+/// containers from reaching each other directly then).
+struct ArpOwners<'a> {
+    routes: &'a RouteTable<usize>,
+    neighbours: &'a HashMap<Ipv4Addr, Mac>,
+    host: Ipv4Addr,
+    hairpin: bool,
+}
+
+impl arp::Owners for ArpOwners<'_> {
     fn remote(&self, addr: Ipv4Addr) -> bool {
-        self.lookup(addr).is_some()
+        self.routes.lookup(addr).is_some()
+    }
+
+    fn hairpin(&self, addr: Ipv4Addr, asker: Mac) -> bool {
+        self.hairpin
+            && addr != self.host
+            && self
+                .neighbours
+                .get(&addr)
+                .is_some_and(|owner| *owner != asker)
     }
 }
 
@@ -186,9 +206,15 @@ impl Node {
         if frame.ethertype == ETHERTYPE_ARP {
             let room = out.spare(arp::REPLY_LEN);
             let start = room.as_ptr();
+            let owners = ArpOwners {
+                routes: &self.routes,
+                neighbours: &tap.neighbours,
+                host: membership::host_address(self.subnet),
+                hairpin: self.policy.can_deny(),
+            };
             if let ArpVerdict::Reply(n) =
                 tap.arp
-                    .handle(now, frame.source, frame.payload, &self.routes, room)
+                    .handle(now, frame.source, frame.payload, &owners, room)
             {
                 let placed = Placed::within(start, &room[..n]);
                 out.commit_device(placed);
@@ -213,8 +239,27 @@ impl Node {
         if addrs.destination == SERVICE_ADDRESS {
             return self.answer_service(packet, frame.source, agent_mac, out);
         }
+        if self.subnet.contains(&addrs.destination) && self.policy.can_deny() {
+            return self.hairpin(now, packet, out);
+        }
         // The binding above already proves the source is this host's.
         self.forward(now, packet, addrs.destination, out);
+    }
+
+    /// TAP mode under a policy that can deny: one container to another of
+    /// this host, through the agent so the policy sees it.
+    fn hairpin(&mut self, now: Instant, packet: &[u8], out: &mut Outbox) {
+        if self.policy.check(now, Direction::Local, packet).action == Action::Deny {
+            if self.policy.rules().policy.reject {
+                self.reply_prohibited(packet, out);
+            }
+            return self.drop(DropReason::PolicyLocal);
+        }
+        let room = out.spare(ETHERNET_HEADER + packet.len());
+        let start = room.as_ptr();
+        room[ETHERNET_HEADER..].copy_from_slice(packet);
+        let placed = Placed::within(start, &room[ETHERNET_HEADER..]);
+        self.deliver(placed, out);
     }
 
     /// This host's overlay address.

@@ -27,6 +27,8 @@ pub enum Direction {
     Egress,
     /// From a peer, after decryption.
     Ingress,
+    /// Between two containers of this host (TAP mode, through the agent).
+    Local,
 }
 
 impl Direction {
@@ -34,6 +36,7 @@ impl Direction {
         match self {
             Direction::Egress => "egress",
             Direction::Ingress => "ingress",
+            Direction::Local => "local",
         }
     }
 }
@@ -101,6 +104,12 @@ impl Enforcer {
 
     pub fn rules(&self) -> &Arc<Rules> {
         &self.rules
+    }
+
+    /// Whether any packet can be denied (else the agent stays out of the
+    /// way of same-host traffic).
+    pub fn can_deny(&self) -> bool {
+        !self.rules.policy.allows_everything()
     }
 
     /// Whether `packet` may pass in `direction`; a denied one is counted
