@@ -74,18 +74,38 @@ mod libc_flags {
     pub const IFF_LOOPBACK: u32 = 0x8;
 }
 
-/// Creates the TUN device, addressed and up.
+/// Creates the TUN device, addressed and up. With `offload`, it asks for
+/// segmentation offload (IFF_VNET_HDR + TUNSETOFFLOAD: TCP super-packets
+/// in both directions); a kernel that refuses gets a plain device and one
+/// warning. The device's `tcp_gso()` tells which one was made.
 pub fn create_tun(
     name: &str,
     address: Ipv4Addr,
     prefix: u8,
     mtu: u16,
+    offload: bool,
 ) -> Result<AsyncDevice, DeviceError> {
-    let builder = DeviceBuilder::new()
-        .name(name)
-        .ipv4(address, prefix, None)
-        .mtu(mtu);
-    build(builder, name)
+    let builder = || {
+        DeviceBuilder::new()
+            .name(name)
+            .ipv4(address, prefix, None)
+            .mtu(mtu)
+    };
+    if !offload {
+        return build(builder(), name);
+    }
+    let refused = match build(builder().offload(true), name) {
+        Ok(device) => return Ok(device),
+        Err(refused) => refused,
+    };
+    // If a plain device fails too, the fault was not the offload: that
+    // error is the one to report.
+    let device = build(builder(), name)?;
+    tracing::warn!(
+        error = %refused.source,
+        "the kernel refused TUN segmentation offload; running without it"
+    );
+    Ok(device)
 }
 
 /// Creates the TAP device, up, without an address (the host's address

@@ -11,6 +11,7 @@
 pub mod containers;
 pub mod control_server;
 pub mod device;
+pub mod device_io;
 pub mod dns_server;
 pub mod limits;
 pub mod netops;
@@ -25,9 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
-use tun_rs::AsyncDevice;
 
 use crate::config::{Config, Mode};
 use crate::control::{HostStatus, Request, Response};
@@ -37,17 +36,16 @@ use crate::membership::{self, Membership};
 use containers::{Containers, OpDone};
 use control_server::{ControlRequest, ControlSocket, ControlSocketError};
 use device::DeviceError;
+use device_io::DeviceIo;
 use netops::NetopsError;
 use state::StateError;
-use underlay::UnderlayError;
+use underlay::{Underlay, UnderlayError};
 
 /// boringtun wants its timers driven every 100-250 ms.
 const TICK: Duration = Duration::from_millis(100);
 /// Packets read per wake-up before the loop looks at other sources again:
 /// enough to amortise the wake-up, small enough to keep latency fair.
 const BATCH: usize = 64;
-/// Largest packet or frame read from the device or socket.
-const READ_BUFFER: usize = 65536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -83,7 +81,7 @@ pub async fn run(
     // Everything that can fail because of another running agent, or bad
     // state, is checked before the device is created.
     control_server::clear_stale(&config.control_socket)?;
-    let udp = underlay::bind(config.listen)?;
+    let udp = Underlay::new(underlay::bind(config.listen)?, config.offload);
     let listen = udp.local_addr().unwrap_or(config.listen);
     let mtu = config
         .mtu
@@ -97,8 +95,13 @@ pub async fn run(
     };
     let (tun, containers, mut node) = match config.mode {
         Mode::Tun => {
-            let tun =
-                device::create_tun(&config.device, address, config.overlay.prefix_len(), mtu)?;
+            let tun = device::create_tun(
+                &config.device,
+                address,
+                config.overlay.prefix_len(),
+                mtu,
+                config.offload,
+            )?;
             (
                 tun,
                 None,
@@ -136,6 +139,8 @@ pub async fn run(
     );
     control.serve(control_tx);
     node.apply_membership(&membership.borrow_and_update());
+    let device = DeviceIo::new(tun);
+    let (udp_gso, udp_gro) = udp.offloads();
     tracing::info!(
         name = %config.name,
         public_key = %config.public_key(),
@@ -145,6 +150,9 @@ pub async fn run(
         mtu,
         listen = %listen,
         peers = membership.borrow().peers.len(),
+        tun_offload = device.offload(),
+        udp_gso,
+        udp_gro,
         "meshd running"
     );
 
@@ -153,7 +161,7 @@ pub async fn run(
         config,
         node,
         udp,
-        device: tun,
+        device,
         mtu,
         listen,
         started: Instant::now(),
@@ -187,8 +195,8 @@ pub async fn run(
 struct Shell {
     config: Config,
     node: Node,
-    udp: UdpSocket,
-    device: AsyncDevice,
+    udp: Underlay,
+    device: DeviceIo,
     mtu: u16,
     listen: SocketAddr,
     started: Instant,
@@ -290,8 +298,6 @@ impl Shell {
     ) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
         let mut out = Outbox::default();
-        let mut device_buf = vec![0u8; READ_BUFFER];
-        let mut udp_buf = vec![0u8; READ_BUFFER];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut membership_open = true;
@@ -315,31 +321,17 @@ impl Shell {
                     Ok(()) => self.node.apply_membership(&membership.borrow_and_update()),
                     Err(_) => membership_open = false,
                 },
-                read = self.udp.recv_from(&mut udp_buf) => match read {
-                    Ok((n, from)) => {
+                ready = self.udp.readable() => match ready {
+                    Ok(()) => {
                         let now = Instant::now();
-                        self.node.handle_datagram(now, from, &udp_buf[..n], &mut out);
-                        for _ in 1..BATCH {
-                            let Ok((n, from)) = self.udp.try_recv_from(&mut udp_buf) else { break };
-                            self.node.handle_datagram(now, from, &udp_buf[..n], &mut out);
-                        }
+                        let node = &mut self.node;
+                        self.udp.drain(BATCH, |from, datagram| {
+                            node.handle_datagram(now, from, datagram, &mut out);
+                        });
                     }
-                    // Transient (an ICMP error surfacing on the socket).
                     Err(e) => tracing::debug!(error = %e, "underlay receive failed"),
                 },
-                read = self.device.recv(&mut device_buf) => match read {
-                    Ok(n) => {
-                        let now = Instant::now();
-                        self.handle_device_input(now, &device_buf[..n], &mut out);
-                        for _ in 1..BATCH {
-                            let Ok(n) = self.device.try_recv(&mut device_buf) else { break };
-                            self.handle_device_input(now, &device_buf[..n], &mut out);
-                        }
-                    }
-                    Err(source) => {
-                        return Err(AgentError::DeviceLost { device: self.config.device.clone(), source });
-                    }
-                },
+                read = self.device.recv() => self.device_input(read, &mut out)?,
             }
             self.flush(&mut out).await;
         }
@@ -369,11 +361,40 @@ impl Shell {
         }
     }
 
-    fn handle_device_input(&mut self, now: Instant, bytes: &[u8], out: &mut Outbox) {
-        match self.config.mode {
-            Mode::Tun => self.node.handle_device_packet(now, bytes, out),
-            Mode::Tap => self.node.handle_device_frame(now, bytes, out),
+    /// Hands the packets of a device read, then of up to a batch more
+    /// reads that are ready, to the core. A read the offload could not
+    /// split is a counted drop; only an error from the device itself ends
+    /// the agent.
+    fn device_input(
+        &mut self,
+        mut read: std::io::Result<usize>,
+        out: &mut Outbox,
+    ) -> Result<(), AgentError> {
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            match read {
+                Ok(n) => {
+                    for i in 0..n {
+                        let bytes = self.device.packet(i);
+                        match self.config.mode {
+                            Mode::Tun => self.node.handle_device_packet(now, bytes, out),
+                            Mode::Tap => self.node.handle_device_frame(now, bytes, out),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(source) if source.raw_os_error().is_some() => {
+                    let device = self.config.device.clone();
+                    return Err(AgentError::DeviceLost { device, source });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "unusable read from the device");
+                    self.node.count_io_drop();
+                }
+            }
+            read = self.device.try_recv();
         }
+        Ok(())
     }
 
     /// Sends everything the core produced; a failed send is a counted drop.
@@ -383,17 +404,16 @@ impl Shell {
                 self.node.count_sync_backlog();
             }
         }
-        for (to, datagram) in out.network() {
-            if let Err(e) = self.udp.send_to(datagram, to).await {
-                tracing::debug!(error = %e, %to, "send failed");
-                self.node.count_io_drop();
+        for run in out.network_runs(self.udp.run_limits()) {
+            if let Err(e) = self.udp.send(run.to, run.contents, run.segment).await {
+                tracing::debug!(error = %e, to = %run.to, "send failed");
+                for _ in 0..run.datagrams() {
+                    self.node.count_io_drop();
+                }
             }
         }
-        for packet in out.device() {
-            if let Err(e) = self.device.send(packet).await {
-                tracing::debug!(error = %e, "device write failed");
-                self.node.count_io_drop();
-            }
+        for _ in 0..self.device.send_all(out.device()).await {
+            self.node.count_io_drop();
         }
         out.clear();
     }

@@ -43,3 +43,149 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, UnderlayError> {
     socket.bind(&addr.into()).map_err(fail)?;
     UdpSocket::from_std(socket.into()).map_err(fail)
 }
+
+/// Datagrams received per system call (recvmmsg), each buffer holding up
+/// to `GRO_BUFFER` bytes of coalesced datagrams from one sender.
+const RECV_BATCH: usize = 8;
+/// What one GRO read can return: 64 KiB of coalesced datagrams.
+const GRO_BUFFER: usize = 65536;
+
+/// The underlay socket with batching: UDP GSO (one send per run of
+/// equal-sized datagrams to one peer) and GRO with recvmmsg (many datagrams
+/// per receive), through quinn-udp, where the kernel offers them. Without
+/// offload, one datagram per system call as before.
+pub struct Underlay {
+    socket: UdpSocket,
+    /// `None`: offload turned off; plain send_to/recv_from.
+    batched: Option<quinn_udp::UdpSocketState>,
+    bufs: Vec<Vec<u8>>,
+    meta: Vec<quinn_udp::RecvMeta>,
+}
+
+impl Underlay {
+    pub fn new(socket: UdpSocket, offload: bool) -> Self {
+        let batched = offload
+            .then(|| quinn_udp::UdpSocketState::new((&socket).into()))
+            .and_then(|state| match state {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    tracing::warn!(error = %e, "UDP batching unavailable; one datagram per system call");
+                    None
+                }
+            });
+        if let Some(state) = &batched {
+            if state.max_gso_segments() <= 1 || state.gro_segments() <= 1 {
+                tracing::warn!(
+                    gso_segments = state.max_gso_segments(),
+                    gro_segments = state.gro_segments(),
+                    "the kernel refused UDP GSO or GRO; sending or receiving without it"
+                );
+            }
+        }
+        let (count, size) = if batched.is_some() {
+            (RECV_BATCH, GRO_BUFFER)
+        } else {
+            (1, GRO_BUFFER)
+        };
+        Self {
+            socket,
+            batched,
+            bufs: vec![vec![0u8; size]; count],
+            meta: vec![quinn_udp::RecvMeta::default(); count],
+        }
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// How sends may be grouped: the GSO segment limit, or one datagram.
+    pub fn run_limits(&self) -> crate::core::outbox::RunLimits {
+        match &self.batched {
+            Some(state) if state.max_gso_segments() > 1 => {
+                crate::core::outbox::RunLimits::gso(state.max_gso_segments())
+            }
+            _ => crate::core::outbox::RunLimits::SINGLE,
+        }
+    }
+
+    /// (UDP GSO on, UDP GRO on).
+    pub fn offloads(&self) -> (bool, bool) {
+        self.batched.as_ref().map_or((false, false), |s| {
+            (s.max_gso_segments() > 1, s.gro_segments() > 1)
+        })
+    }
+
+    pub async fn readable(&self) -> std::io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Reads what is ready without waiting, at most `reads` system calls,
+    /// handing every datagram to `handle` in arrival order.
+    pub fn drain(&mut self, reads: usize, mut handle: impl FnMut(SocketAddr, &[u8])) {
+        for _ in 0..reads {
+            match self.try_recv(&mut handle) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // Transient (an ICMP error surfacing on the socket).
+                Err(e) => tracing::debug!(error = %e, "underlay receive failed"),
+            }
+        }
+    }
+
+    fn try_recv(&mut self, handle: &mut impl FnMut(SocketAddr, &[u8])) -> std::io::Result<()> {
+        let Some(state) = &self.batched else {
+            let (n, from) = self.socket.try_recv_from(&mut self.bufs[0])?;
+            handle(from, &self.bufs[0][..n]);
+            return Ok(());
+        };
+        let mut slices: Vec<std::io::IoSliceMut<'_>> = self
+            .bufs
+            .iter_mut()
+            .map(|b| std::io::IoSliceMut::new(b))
+            .collect();
+        let socket = &self.socket;
+        let meta = &mut self.meta;
+        let n = socket.try_io(tokio::io::Interest::READABLE, || {
+            state.recv(socket.into(), &mut slices, meta)
+        })?;
+        drop(slices);
+        for (buf, meta) in self.bufs.iter().zip(&self.meta).take(n) {
+            let stride = meta.stride.max(1);
+            for datagram in buf[..meta.len.min(buf.len())].chunks(stride) {
+                handle(meta.addr, datagram);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `contents` to `to`: one datagram, or `segment`-sized ones
+    /// with GSO.
+    pub async fn send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment: usize,
+    ) -> std::io::Result<()> {
+        let Some(state) = &self.batched else {
+            return self.socket.send_to(contents, to).await.map(drop);
+        };
+        let transmit = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: (segment < contents.len()).then_some(segment),
+            src_ip: None,
+        };
+        loop {
+            self.socket.writable().await?;
+            let sent = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                state.try_send((&self.socket).into(), &transmit)
+            });
+            match sent {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}

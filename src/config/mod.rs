@@ -94,6 +94,9 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Inner MTU; `None` means underlay MTU minus 80.
     pub mtu: Option<u16>,
+    /// Segmentation offloads (TUN TSO/GRO, UDP GSO/GRO) where the kernel
+    /// offers them; `offload = false` turns them off.
+    pub offload: bool,
     pub membership: Membership,
     /// Who may reach whom; allows everything without a `[policy]` table.
     pub policy: crate::policy::Policy,
@@ -124,6 +127,7 @@ struct RawConfig {
     bridge: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
+    offload: Option<bool>,
     cluster_psk_file: Option<Spanned<String>>,
     #[serde(default)]
     peer: Vec<Spanned<RawPeer>>,
@@ -305,6 +309,7 @@ impl Validator<'_> {
             state_dir,
             dns,
             mtu,
+            offload: raw.offload.unwrap_or(true),
             membership: Membership { peers },
             policy,
         })

@@ -73,6 +73,7 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.mode, Mode::Tun);
     assert_eq!(c.control_socket, PathBuf::from("/run/meshnet/mesh0.sock"));
     assert_eq!(c.mtu, None);
+    assert!(c.offload, "offloads are on unless turned off");
     assert_eq!(c.bridge, "mesh-br0");
     assert_eq!(c.state_dir, PathBuf::from("/var/lib/meshnet/mesh0"));
     assert!(c.membership.peers.is_empty());
@@ -93,6 +94,7 @@ device = "mesh7"
 mode = "tun"
 control_socket = "/tmp/x.sock"
 mtu = 1380
+offload = false
 
 [[peer]]
 name = "h2"
@@ -111,6 +113,7 @@ subnet = "10.42.3.0/24"
     assert_eq!(c.device, "mesh7");
     assert_eq!(c.control_socket, PathBuf::from("/tmp/x.sock"));
     assert_eq!(c.mtu, Some(1380));
+    assert!(!c.offload);
     let p = &c.membership.peers;
     assert_eq!(p.len(), 2);
     assert_eq!(p[0].public_key, f.peer_keys[0]);
@@ -351,6 +354,14 @@ fn invalid_values_are_rejected() {
         assert!(e.message.contains(needle), "{e}");
         assert!(e.line.is_some(), "{e}");
     }
+}
+
+#[test]
+fn offload_must_be_a_boolean() {
+    let f = Fixture::new();
+    let e = f.err(&format!("{HEAD}offload = \"no\"\n"));
+    assert!(e.message.contains("bool"), "{e}");
+    assert_eq!(e.line, Some(HEAD.lines().count() + 1), "{e}");
 }
 
 #[test]

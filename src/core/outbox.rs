@@ -4,9 +4,14 @@
 //! into spare room at the end, then commits it as bound for the network (a
 //! UDP datagram to an address) or for the device. The shell sends all of a
 //! batch, then `clear`s it; nothing is allocated per packet once the arena
-//! has grown to its working size. This is the seam where UDP GSO and TUN
-//! offloads can later turn a batch into fewer syscalls.
-//! Must never: do IO, or hand out a packet that was not committed.
+//! has grown to its working size. This is the seam where UDP GSO turns a
+//! batch into fewer syscalls: boringtun writes each datagram at the start
+//! of its room, so consecutive datagrams lie back to back in the arena and
+//! `network_runs` hands a run of them (one destination, one size, the last
+//! possibly shorter) to a single UDP_SEGMENT send without copying.
+//! Must never: do IO, hand out a packet that was not committed, or join
+//! datagrams that are not adjacent, not for one destination, or not in
+//! their committed order.
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -104,6 +109,17 @@ impl Outbox {
             .map(|(to, r)| (*to, &self.arena[r.clone()]))
     }
 
+    /// The datagrams grouped into runs for segmentation offload, in order;
+    /// see [`Run`]. With `limits.max_segments == 1` every datagram is a run
+    /// of its own.
+    pub fn network_runs(&self, limits: RunLimits) -> impl Iterator<Item = Run<'_>> {
+        group_runs(&self.network, limits).map(|(to, range, segment)| Run {
+            to,
+            contents: &self.arena[range],
+            segment,
+        })
+    }
+
     pub fn device(&self) -> impl ExactSizeIterator<Item = &[u8]> {
         self.device.iter().map(|r| &self.arena[r.clone()])
     }
@@ -135,6 +151,83 @@ impl Outbox {
         self.used = end;
         start..end
     }
+}
+
+/// Datagrams for one destination sent with one system call: `contents` is
+/// `segment`-sized datagrams back to back, the last possibly shorter (the
+/// UDP_SEGMENT contract). A run of one datagram has `segment ==
+/// contents.len()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run<'a> {
+    pub to: SocketAddr,
+    pub contents: &'a [u8],
+    pub segment: usize,
+}
+
+impl Run<'_> {
+    pub fn datagrams(&self) -> usize {
+        self.contents.len().div_ceil(self.segment.max(1))
+    }
+}
+
+/// What the kernel accepts in one segmented send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunLimits {
+    /// Datagrams per send (UDP_MAX_SEGMENTS; 1 without GSO).
+    pub max_segments: usize,
+    /// Bytes per send: a UDP payload's limit over IPv4.
+    pub max_bytes: usize,
+}
+
+impl RunLimits {
+    /// One datagram per send: no offload.
+    pub const SINGLE: Self = Self {
+        max_segments: 1,
+        max_bytes: usize::MAX,
+    };
+
+    pub fn gso(max_segments: usize) -> Self {
+        Self {
+            max_segments: max_segments.max(1),
+            // 65535 minus the IPv4 and UDP headers.
+            max_bytes: 65507,
+        }
+    }
+}
+
+/// Groups committed datagrams into runs: a run continues while the next
+/// datagram goes to the same place, starts where the last one ended, and
+/// has the run's size; a shorter one ends the run (only the last segment
+/// may be short), and so do the limits.
+fn group_runs(
+    entries: &[(SocketAddr, Range<usize>)],
+    limits: RunLimits,
+) -> impl Iterator<Item = (SocketAddr, Range<usize>, usize)> + '_ {
+    let mut rest = entries;
+    std::iter::from_fn(move || {
+        let ((to, first), tail) = rest.split_first()?;
+        let segment = first.len();
+        let mut range = first.clone();
+        let mut taken = 1;
+        for (next_to, next) in tail {
+            let fits = taken < limits.max_segments
+                && range.len() + next.len() <= limits.max_bytes
+                && next_to == to
+                && next.start == range.end
+                && next.len() <= segment
+                && !next.is_empty();
+            if !fits {
+                break;
+            }
+            range.end = next.end;
+            taken += 1;
+            if next.len() < segment {
+                break;
+            }
+        }
+        rest = &rest[taken..];
+        Some((*to, range, segment))
+    })
 }
 
 /// Where a packet lies within the spare room it was written into, as plain
@@ -225,6 +318,95 @@ mod tests {
             frames,
             vec![&[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, b'a', b'b', b'c'][..]]
         );
+    }
+
+    fn entries(spec: &[(u16, usize, usize)]) -> Vec<(SocketAddr, Range<usize>)> {
+        spec.iter()
+            .map(|&(port, start, len)| {
+                let to = SocketAddr::from(([192, 0, 2, 1], port));
+                (to, start..start + len)
+            })
+            .collect()
+    }
+
+    fn runs(spec: &[(u16, usize, usize)], limits: RunLimits) -> Vec<(u16, Range<usize>, usize)> {
+        group_runs(&entries(spec), limits)
+            .map(|(to, r, s)| (to.port(), r, s))
+            .collect()
+    }
+
+    #[test]
+    fn runs_join_adjacent_equal_datagrams_for_one_destination() {
+        let gso = RunLimits::gso(64);
+        // Three full segments and a short tail: one run.
+        let spec = [(1, 0, 100), (1, 100, 100), (1, 200, 100), (1, 300, 40)];
+        assert_eq!(runs(&spec, gso), vec![(1, 0..340, 100)]);
+        // A short datagram ends the run, even if a full one follows.
+        let spec = [(1, 0, 100), (1, 100, 40), (1, 140, 100)];
+        assert_eq!(runs(&spec, gso), vec![(1, 0..140, 100), (1, 140..240, 100)]);
+        // A longer one cannot join (segments are never larger than the first).
+        let spec = [(1, 0, 100), (1, 100, 120)];
+        assert_eq!(runs(&spec, gso), vec![(1, 0..100, 100), (1, 100..220, 120)]);
+    }
+
+    #[test]
+    fn runs_split_on_destination_gap_and_limits() {
+        let gso = RunLimits::gso(2);
+        // Another destination, a gap in the arena, then the segment limit.
+        let spec = [
+            (1, 0, 100),
+            (2, 100, 100),
+            (2, 250, 100),
+            (2, 350, 100),
+            (2, 450, 100),
+        ];
+        assert_eq!(
+            runs(&spec, gso),
+            vec![
+                (1, 0..100, 100),
+                (2, 100..200, 100),
+                (2, 250..450, 100),
+                (2, 450..550, 100)
+            ]
+        );
+        let bytes = RunLimits {
+            max_segments: 64,
+            max_bytes: 250,
+        };
+        let spec = [(1, 0, 100), (1, 100, 100), (1, 200, 100)];
+        assert_eq!(
+            runs(&spec, bytes),
+            vec![(1, 0..200, 100), (1, 200..300, 100)]
+        );
+        // Without offload every datagram is its own run, in order.
+        let spec = [(1, 0, 100), (1, 100, 100)];
+        assert_eq!(
+            runs(&spec, RunLimits::SINGLE),
+            vec![(1, 0..100, 100), (1, 100..200, 100)]
+        );
+        assert!(runs(&[], gso).is_empty());
+    }
+
+    #[test]
+    fn encrypted_datagrams_lie_back_to_back_and_form_one_run() {
+        let mut out = Outbox::with_capacity(64);
+        let a: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        for len in [64, 64, 64, 30] {
+            // Like boringtun's encapsulate: the datagram starts the room.
+            let room = out.spare(148);
+            let start = room.as_ptr();
+            room[..len].fill(len as u8);
+            let placed = Placed::within(start, &room[..len]);
+            out.commit_network(a, placed);
+        }
+        let runs: Vec<_> = out.network_runs(RunLimits::gso(64)).collect();
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].segment, runs[0].datagrams()), (64, 4));
+        assert_eq!(runs[0].contents.len(), 64 * 3 + 30);
+        assert_eq!(runs[0].contents[64 * 3], 30);
+        let single: Vec<_> = out.network_runs(RunLimits::SINGLE).collect();
+        assert_eq!(single.len(), 4);
+        assert!(single.iter().all(|r| r.datagrams() == 1));
     }
 
     #[test]

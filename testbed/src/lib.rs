@@ -244,6 +244,69 @@ impl Testbed {
         self.dir.path()
     }
 
+    /// Adds a top-level key (`offload = false`) to every host's config;
+    /// takes effect for agents started afterwards.
+    pub fn set_config_key(&self, line: &str) -> Result<()> {
+        for host in &self.hosts {
+            let text = std::fs::read_to_string(&host.config)?;
+            // Top-level keys must come before the first [[peer]] table.
+            std::fs::write(&host.config, format!("{line}\n{text}"))?;
+        }
+        Ok(())
+    }
+
+    /// Sends `len` bytes of a fixed pattern over TCP (socat) from host
+    /// `from` to `to_addr`, port 5001, in host `to`'s namespace, and fails
+    /// unless they arrive complete and intact within 30 s.
+    pub fn transfer(&self, from: usize, to: usize, to_addr: Ipv4Addr, len: usize) -> Result<()> {
+        let data: Vec<u8> = (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let sent = self.dir().join(format!("sent-{from}-{to}"));
+        let received = self.dir().join(format!("received-{from}-{to}"));
+        std::fs::write(&sent, &data)?;
+        let listen = format!("OPEN:{},creat,trunc", received.display());
+        let mut server = Command::new("ip")
+            .args(["netns", "exec", &self.hosts[to].ns])
+            .args([
+                "timeout",
+                "30",
+                "socat",
+                "-u",
+                "TCP-LISTEN:5001,reuseaddr",
+                &listen,
+            ])
+            .spawn()
+            .context("starting socat (apt-get install socat)")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let source = format!("OPEN:{}", sent.display());
+        let target = format!("TCP:{to_addr}:5001");
+        let client = exec_in(
+            &self.hosts[from].ns,
+            &["timeout", "30", "socat", "-u", &source, &target],
+        );
+        let done = wait_until(Duration::from_secs(30), || {
+            server.try_wait().ok().flatten().is_some()
+        });
+        if !done {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        let client = client?;
+        ensure!(
+            client.status.success() && done,
+            "transfer failed: {client:?}"
+        );
+        let got = std::fs::read(&received)?;
+        ensure!(
+            got.len() == data.len(),
+            "transfer truncated: {} of {len} bytes",
+            got.len()
+        );
+        ensure!(got == data, "transfer corrupted");
+        Ok(())
+    }
+
     /// Starts every host's agent and waits until each answers.
     pub fn start_all(&mut self) -> Result<()> {
         for i in 0..self.hosts.len() {
