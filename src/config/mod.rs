@@ -94,6 +94,8 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Inner MTU; `None` means underlay MTU minus 80.
     pub mtu: Option<u16>,
+    /// Where Prometheus metrics are served over HTTP; `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
     pub membership: Membership,
 }
 
@@ -123,6 +125,7 @@ struct RawConfig {
     state_dir: Option<Spanned<String>>,
     mtu: Option<Spanned<i64>>,
     cluster_psk_file: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
     #[serde(default)]
     peer: Vec<Spanned<RawPeer>>,
     dns: Option<RawDns>,
@@ -275,6 +278,11 @@ impl Validator<'_> {
         };
         let dns = self.dns(raw.dns.as_ref())?;
         let mtu = raw.mtu.as_ref().map(|m| self.mtu(m)).transpose()?;
+        let metrics_listen = raw
+            .metrics_listen
+            .as_ref()
+            .map(|m| self.socket_addr(m, "metrics_listen"))
+            .transpose()?;
         let cluster_psk = raw
             .cluster_psk_file
             .as_ref()
@@ -301,6 +309,7 @@ impl Validator<'_> {
             state_dir,
             dns,
             mtu,
+            metrics_listen,
             membership: Membership { peers },
         })
     }
@@ -579,6 +588,8 @@ struct Own<'a> {
     key: PublicKey,
     subnet: Ipv4Net,
 }
+
+pub mod diff;
 
 #[cfg(test)]
 mod tests;

@@ -106,6 +106,8 @@ pub struct Node {
     tap: Option<Tap>,
     /// Where records-sync packets are built before sealing (reused).
     sync_packet: Vec<u8>,
+    /// TAP mode: ARP requests answered (for metrics).
+    arp_replies: u64,
 }
 
 impl Node {
@@ -145,6 +147,7 @@ impl Node {
             icmp_budget: ICMP_ERRORS_PER_SECOND,
             icmp_window: now,
             sync_packet: Vec::new(),
+            arp_replies: 0,
         }
     }
 
@@ -186,6 +189,7 @@ impl Node {
             {
                 let placed = Placed::within(start, &room[..n]);
                 out.commit_device(placed);
+                self.arp_replies += 1;
             }
             return;
         }
@@ -217,8 +221,9 @@ impl Node {
     }
 
     /// Makes the peer set equal to `membership`: new peers are added,
-    /// missing ones removed, changed ones updated (rebuilt when their key,
-    /// subnet or keepalive changed). Sessions of unchanged peers survive.
+    /// missing ones removed, changed ones updated: endpoint and keepalive in
+    /// place, rebuilt when their subnet or preshared key changed (the key
+    /// names the peer). Sessions of unchanged peers survive.
     pub fn apply_membership(&mut self, membership: &Membership) {
         let wanted: HashMap<PublicKey, &PeerSpec> =
             membership.peers.iter().map(|p| (p.public_key, p)).collect();
@@ -363,6 +368,11 @@ impl Node {
             }
         }
         s
+    }
+
+    /// ARP requests answered so far (TAP mode).
+    pub fn arp_replies(&self) -> u64 {
+        self.arp_replies
     }
 
     pub fn drops(&self) -> &DropCounters {
@@ -532,10 +542,7 @@ impl Node {
                 return;
             };
             let old = peer.spec();
-            if old.subnet == spec.subnet
-                && old.keepalive == spec.keepalive
-                && old.preshared_key == spec.preshared_key
-            {
+            if old.subnet == spec.subnet && old.preshared_key == spec.preshared_key {
                 peer.update_spec(spec.clone());
                 return;
             }
