@@ -71,8 +71,9 @@ impl Plan {
 /// A reload refused because settings changed that only a restart applies.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "reload refused, nothing changed: {} needs a restart of meshd",
-    .settings.join(", ")
+    "reload refused, nothing changed: {} {} a restart of meshd",
+    .settings.join(", "),
+    if .settings.len() == 1 { "needs" } else { "need" }
 )]
 pub struct RestartNeeded {
     pub settings: Vec<&'static str>,
@@ -286,7 +287,7 @@ mod tests {
         assert_eq!(err.settings, ["mode", "mtu"]);
         assert_eq!(
             err.to_string(),
-            "reload refused, nothing changed: mode, mtu needs a restart of meshd"
+            "reload refused, nothing changed: mode, mtu need a restart of meshd"
         );
     }
 
