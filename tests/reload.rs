@@ -176,3 +176,51 @@ fn reload_applies_run_time_changes_and_keeps_untouched_sessions() {
     assert_eq!(handshakes(&bed, "h2", 1), h2_before);
     bed.stop(0).unwrap();
 }
+
+/// `dig +short NAME` at the agent's DNS service from host `i`.
+fn resolve(bed: &Testbed, i: usize, name: &str) -> String {
+    meshnet::testbed::dns::dig(&bed.hosts[i].ns, &["@169.254.169.250", "+short", name])
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn reload_moves_dns_to_a_new_upstream_and_changes_the_withdraw_time() {
+    use meshnet::testbed::dns::{Dnsmasq, UPSTREAM};
+    let options = MeshOptions {
+        hosts: 2,
+        keepalive: None,
+        ..MeshOptions::default()
+    };
+    let mut bed = Testbed::new("reloaddns", &options, bins()).expect("building the testbed");
+    // At first an upstream nobody serves (an unused address of the test's
+    // own underlay).
+    bed.append_config(0, "\n[dns]\nupstream = [\"192.0.2.201:53\"]\n")
+        .unwrap();
+    let _upstream = Dnsmasq::start(&bed).unwrap();
+    bed.start_all().expect("starting agents");
+    bed.wait_all_up(Duration::from_secs(15)).unwrap();
+    let before = resolve(&bed, 0, "outside.example");
+    assert!(
+        !before.contains("192.0.2.99"),
+        "answered without an upstream: {before}"
+    );
+    let handshakes_before = handshakes(&bed, "h2", 1);
+
+    edit(&bed, |t| {
+        t.replace(
+            "upstream = [\"192.0.2.201:53\"]",
+            &format!("upstream = [\"{UPSTREAM}:53\"]\nwithdraw_after = 60"),
+        )
+    });
+    let out = reload(&bed);
+    assert_eq!(
+        text(&out.stdout),
+        format!("reloaded:\n  dns.upstream: {UPSTREAM}:53\n  dns.withdraw_after: 60 s\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(resolve(&bed, 0, "outside.example"), "192.0.2.99");
+    assert_eq!(resolve(&bed, 0, "h2.hosts.mesh.internal"), "10.42.2.1");
+    assert_eq!(handshakes(&bed, "h2", 1), handshakes_before);
+}
