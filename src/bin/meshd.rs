@@ -95,8 +95,10 @@ async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, socket: PathB
             control::request(&socket, &control::Request::Reload)
         })
         .await;
-        if let Ok(Err(e)) = asked {
-            tracing::debug!("SIGHUP reload: {e}");
+        // The agent logs the outcome; only not reaching it is ours to say
+        // (a SIGHUP before the control socket is up, say).
+        if let Ok(Err(e @ control::ControlError::NotRunning(_))) = asked {
+            tracing::warn!("SIGHUP ignored: {e}");
         }
     }
 }
