@@ -1,6 +1,7 @@
 //! The Prometheus endpoint of a real meshd: a live scrape passes
 //! `promtool check metrics`, and its counters follow traffic the test sent
-//! (pings, and garbage datagrams counted by drop reason).
+//! (pings, and garbage datagrams counted by drop reason); in TAP mode
+//! the ARP replies and attached containers.
 //!
 //! Needs root, iproute2, ping and promtool (Debian's prometheus package);
 //! fails (never skips) without them.
@@ -13,7 +14,8 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, in_netns};
+use meshnet::config::Mode;
+use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, in_netns};
 
 const METRICS: &str = "127.0.0.1:9586";
 
@@ -26,10 +28,14 @@ fn bins() -> Binaries {
 
 /// Two hosts, h1 serving metrics on its namespace's loopback.
 fn bed(tag: &str) -> Testbed {
+    bed_in(tag, Mode::Tun)
+}
+
+fn bed_in(tag: &str, mode: Mode) -> Testbed {
     let options = MeshOptions {
         hosts: 2,
         keepalive: None,
-        ..MeshOptions::default()
+        mode,
     };
     let mut bed = Testbed::new(tag, &options, bins()).expect("building the testbed");
     bed.prepend_config(0, &format!("metrics_listen = \"{METRICS}\""))
@@ -180,4 +186,41 @@ fn only_metrics_is_served_and_the_listener_is_off_by_default() {
     )
     .unwrap();
     assert!(refused, "h2 serves metrics without metrics_listen");
+}
+
+#[test]
+fn tap_mode_counts_arp_replies_and_attached_containers() {
+    let mut bed = bed_in("metricstap", Mode::Tap);
+    let empty = scrape(&bed);
+    assert_eq!(value(&empty, "meshnet_containers"), 0.0);
+    let c1 = bed.add_container_ns(0, "c1").unwrap();
+    let c2 = bed.add_container_ns(1, "c2").unwrap();
+    bed.attach(0, &c1, "one", &[]).unwrap();
+    let a2 = bed.attach(1, &c2, "two", &[]).unwrap();
+    let before = scrape(&bed);
+    // c1 asks who has c2's address: the agent answers for the remote host.
+    let ping = exec_in(
+        &c1,
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-q",
+            &a2.to_string(),
+        ],
+    )
+    .unwrap();
+    assert!(ping.status.success(), "{ping:?}");
+    let after = scrape(&bed);
+    assert_eq!(value(&after, "meshnet_containers"), 1.0);
+    assert!(
+        value(&after, "meshnet_arp_replies_total") > value(&before, "meshnet_arp_replies_total"),
+        "no ARP reply counted:\n{after}"
+    );
+    let checked = promtool(&after);
+    assert!(checked.status.success(), "{checked:?}");
 }
