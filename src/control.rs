@@ -46,6 +46,10 @@ pub enum Request {
     Drops {
         after: u64,
     },
+    /// Re-read the config file and apply what can change at run time.
+    Reload,
+    /// Every counter, for the metrics endpoint.
+    Metrics,
 }
 
 /// `meshctl attach`: give the container in `netns` an overlay address.
@@ -71,7 +75,25 @@ pub enum Response {
     Records(Vec<crate::dns::RecordView>),
     Verdict(crate::policy::explain::VerdictView),
     Drops(Vec<crate::policy::explain::DropView>),
+    /// What a reload changed, one line each (empty: nothing).
+    Reloaded(Vec<String>),
+    Metrics(MetricsSnapshot),
     Error(String),
+}
+
+/// Everything the agent counts, as one consistent snapshot taken by the
+/// packet task between two wake-ups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsSnapshot {
+    pub peers: Vec<PeerStatus>,
+    /// Drops by reason, every reason (zeros too, so series exist).
+    pub drops: BTreeMap<String, u64>,
+    /// TAP mode: ARP requests answered.
+    pub arp_replies: Option<u64>,
+    /// DNS queries by result, every result.
+    pub dns_queries: BTreeMap<String, u64>,
+    /// TAP mode: containers attached.
+    pub containers: Option<usize>,
 }
 
 /// This host as `meshctl status` shows it.

@@ -297,6 +297,8 @@ mod tests {
             tx_packets: 1,
             dropped: 4,
             keepalive: Some(25),
+            handshakes: 1,
+            handshake_failures: 0,
             reason: Some("no handshake answer from 192.0.2.2:51820 yet".into()),
             has_preshared_key: false,
         };

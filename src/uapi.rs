@@ -153,6 +153,8 @@ mod tests {
             tx_packets: 2,
             dropped: 0,
             keepalive: Some(25),
+            handshakes: 1,
+            handshake_failures: 0,
             reason: None,
             has_preshared_key: true,
         }

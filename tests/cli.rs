@@ -220,3 +220,104 @@ fn the_documented_example_config_is_valid() {
     assert_eq!(config.membership.peers.len(), 2);
     assert_eq!(config.device, "mesh0");
 }
+
+fn meshctl(args: &[&str]) -> Output {
+    Command::new(MESHCTL).args(args).output().unwrap()
+}
+
+/// The subcommands `meshctl --help` lists (without clap's `help`).
+fn subcommands() -> Vec<String> {
+    let help = stdout(&meshctl(&["--help"]));
+    let list = help
+        .split("Commands:\n")
+        .nth(1)
+        .expect("a Commands section")
+        .split("\n\n")
+        .next()
+        .unwrap()
+        .to_owned();
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_command_has_an_example_and_every_listing_has_json() {
+    let commands = subcommands();
+    for expected in ["peers", "status", "reload", "completions", "man"] {
+        assert!(commands.iter().any(|c| c == expected), "{commands:?}");
+    }
+    assert!(stdout(&meshctl(&["--help"])).contains("Examples:\n  meshctl status"));
+    for command in &commands {
+        let help = stdout(&meshctl(&[command, "--help"]));
+        assert!(
+            help.contains("Example") && help.contains("  meshctl "),
+            "meshctl {command} --help has no example:\n{help}"
+        );
+    }
+    for listing in [
+        "peers",
+        "status",
+        "dns",
+        "containers",
+        "reload",
+        "attach",
+        "detach",
+    ] {
+        let help = stdout(&meshctl(&[listing, "--help"]));
+        assert!(help.contains("--json"), "meshctl {listing} has no --json");
+    }
+}
+
+#[test]
+fn completions_are_valid_scripts_that_know_every_command() {
+    let bash = stdout(&meshctl(&["completions", "bash"]));
+    let check = run_with_stdin("bash", &["-n"], &bash);
+    assert!(check.status.success(), "bash -n: {check:?}");
+    // What bash offers after `meshctl re<TAB>` and `meshctl peers --f<TAB>`.
+    let complete = |words: &str, cword: usize| {
+        let script = format!(
+            "{bash}\nCOMP_WORDS=({words}); COMP_CWORD={cword}; \
+             _meshctl meshctl \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        );
+        stdout(&run_with_stdin("bash", &[], &script))
+    };
+    assert_eq!(complete("meshctl re", 1), "reload");
+    assert_eq!(complete("meshctl peers --f", 2), "--format");
+    assert!(stdout(&meshctl(&["completions", "zsh"])).starts_with("#compdef meshctl"));
+    assert!(stdout(&meshctl(&["completions", "fish"])).contains("complete -c meshctl"));
+    let bad = meshctl(&["completions", "tcsh"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid value 'tcsh'"));
+}
+
+#[test]
+fn man_pages_render_without_warnings_for_meshctl_and_each_command() {
+    let mut pages = vec![(String::from("meshctl"), meshctl(&["man"]))];
+    for command in subcommands() {
+        pages.push((format!("meshctl-{command}"), meshctl(&["man", &command])));
+    }
+    for (name, page) in pages {
+        let roff = stdout(&page);
+        assert!(roff.contains(&format!(".TH {name} 1")), "{name}:\n{roff}");
+        let lint = run_with_stdin("groff", &["-man", "-Tutf8", "-ww", "-z"], &roff);
+        assert!(
+            lint.status.success() && lint.stderr.is_empty(),
+            "groff warns about {name}: {}",
+            String::from_utf8_lossy(&lint.stderr)
+        );
+    }
+    let unknown = meshctl(&["man", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no command \"nope\""));
+}
+
+#[test]
+fn reload_without_an_agent_fails_and_says_why() {
+    let out = meshctl(&["--socket", "/nonexistent/meshd.sock", "reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("meshd is not running"));
+}

@@ -61,6 +61,12 @@ pub struct Counters {
     forwards_busy: AtomicU64,
     tcp_refused: AtomicU64,
     upstream_mismatch: AtomicU64,
+    /// Queries by how they were answered (for metrics).
+    local: AtomicU64,
+    cached: AtomicU64,
+    forwarded: AtomicU64,
+    failed: AtomicU64,
+    ignored: AtomicU64,
 }
 
 impl Counters {
@@ -77,6 +83,22 @@ impl Counters {
         .filter(|(_, n)| *n > 0)
     }
 
+    /// Queries by result, every result (zeros too): answered from the
+    /// cluster's zone, from the cache, by an upstream, SERVFAIL, ignored
+    /// (not a query), refused for the rate limit or a full forward queue.
+    pub fn results(&self) -> [(&'static str, u64); 7] {
+        [
+            ("local", &self.local),
+            ("cached", &self.cached),
+            ("forwarded", &self.forwarded),
+            ("servfail", &self.failed),
+            ("ignored", &self.ignored),
+            ("rate_limited", &self.rate_limited),
+            ("forwards_busy", &self.forwards_busy),
+        ]
+        .map(|(name, c)| (name, c.load(Ordering::Relaxed)))
+    }
+
     fn count(counter: &AtomicU64, what: &str) {
         let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(total = n, "dns: {what}");
@@ -85,7 +107,8 @@ impl Counters {
 
 struct Shared {
     zone: watch::Receiver<Arc<Zone>>,
-    upstreams: Vec<SocketAddr>,
+    /// Changed by a reload.
+    upstreams: watch::Receiver<Vec<SocketAddr>>,
     subnet: Ipv4Net,
     /// The host's own addresses: clients from them are local processes.
     local: [IpAddr; 2],
@@ -110,10 +133,11 @@ pub fn system_upstreams() -> Vec<SocketAddr> {
 }
 
 /// Binds the UDP and TCP sockets (either failing is an error: the caller
-/// stops the agent) and serves until the runtime stops.
+/// stops the agent) and serves until the runtime stops. `upstreams` is
+/// read at each forward, so a reload applies to the next query.
 pub async fn serve(
     zone: watch::Receiver<Arc<Zone>>,
-    upstreams: Vec<SocketAddr>,
+    upstreams: watch::Receiver<Vec<SocketAddr>>,
     subnet: Ipv4Net,
 ) -> Result<Arc<Counters>, DnsError> {
     let at = SocketAddr::new(SERVICE_ADDRESS.into(), 53);
@@ -125,11 +149,7 @@ pub async fn serve(
         transport: "TCP",
         source,
     })?;
-    let upstreams: Vec<SocketAddr> = upstreams
-        .into_iter()
-        .filter(|u| u.ip() != IpAddr::V4(SERVICE_ADDRESS))
-        .collect();
-    if upstreams.is_empty() {
+    if upstreams.borrow().is_empty() {
         tracing::warn!("no upstream DNS servers: names outside the cluster get SERVFAIL");
     }
     let shared = Arc::new(Shared {
@@ -185,12 +205,20 @@ impl Shared {
     fn decide(&self, bytes: &[u8], transport: Transport) -> Step {
         let zone = self.zone.borrow().clone();
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        let counters = &self.counters;
         match answer::answer(&zone, bytes, transport, rotation) {
-            Decision::Reply(reply) => return Step::Reply(reply),
-            Decision::Drop => return Step::Drop,
+            Decision::Reply(reply) => {
+                counters.local.fetch_add(1, Ordering::Relaxed);
+                return Step::Reply(reply);
+            }
+            Decision::Drop => {
+                counters.ignored.fetch_add(1, Ordering::Relaxed);
+                return Step::Drop;
+            }
             Decision::Forward { .. } => {}
         }
         let Ok(query) = Query::parse(bytes) else {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
             return answer::server_failure(bytes, transport).map_or(Step::Drop, Step::Reply);
         };
         let cached = self
@@ -199,7 +227,10 @@ impl Shared {
             .ok()
             .and_then(|mut c| c.get(query.key(), Instant::now()));
         match cached {
-            Some(hit) => Step::Reply(for_transport(query.for_client(&hit), transport)),
+            Some(hit) => {
+                counters.cached.fetch_add(1, Ordering::Relaxed);
+                Step::Reply(for_transport(query.for_client(&hit), transport))
+            }
             None => Step::Forward(query),
         }
     }
@@ -207,7 +238,14 @@ impl Shared {
     /// Asks the upstreams in turn; the answer as the client must see it,
     /// or SERVFAIL when none gave one.
     async fn forward(&self, query: &Query, transport: Transport) -> Option<Vec<u8>> {
-        for upstream in &self.upstreams {
+        let upstreams: Vec<SocketAddr> = self
+            .upstreams
+            .borrow()
+            .iter()
+            .copied()
+            .filter(|u| u.ip() != IpAddr::V4(SERVICE_ADDRESS))
+            .collect();
+        for upstream in &upstreams {
             let reply = match self.ask_udp(query, *upstream).await {
                 Upstream::Answer(reply) => Some(reply),
                 Upstream::RetryTcp => self.ask_tcp(query, *upstream).await,
@@ -217,10 +255,12 @@ impl Shared {
                 if let Ok(mut c) = self.cache.lock() {
                     c.put(query.key(), &reply, Instant::now());
                 }
+                self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
                 return Some(for_transport(query.for_client(&reply), transport));
             }
             tracing::debug!(%upstream, "upstream DNS server gave no answer");
         }
+        self.counters.failed.fetch_add(1, Ordering::Relaxed);
         answer::server_failure(query.bytes(), transport)
     }
 

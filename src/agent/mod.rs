@@ -14,8 +14,10 @@ pub mod device;
 pub mod device_io;
 pub mod dns_server;
 pub mod limits;
+pub mod metrics;
 pub mod netops;
 pub mod records_sync;
+pub mod reload;
 pub mod state;
 pub mod uapi_server;
 pub mod underlay;
@@ -61,6 +63,11 @@ pub enum AgentError {
     Bridge(#[from] NetopsError),
     #[error(transparent)]
     Dns(#[from] dns_server::DnsError),
+    #[error("cannot serve metrics on {at}: {source}")]
+    Metrics {
+        at: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the overlay device {device} failed: {source}; was it deleted?")]
     DeviceLost {
         device: String,
@@ -74,7 +81,7 @@ pub enum AgentError {
 /// on it stay, so local traffic survives an agent restart.
 pub async fn run(
     config: Config,
-    mut membership: watch::Receiver<Membership>,
+    membership: watch::Receiver<Membership>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     limits::raise_open_files();
@@ -82,6 +89,15 @@ pub async fn run(
     // state, is checked before the device is created.
     control_server::clear_stale(&config.control_socket)?;
     let udp = Underlay::new(underlay::bind(config.listen)?, config.offload);
+    let metrics_listener = match config.metrics_listen {
+        Some(at) => Some(
+            metrics::bind(at)
+                .await
+                .map_err(|source| AgentError::Metrics { at, source })?,
+        ),
+        None => None,
+    };
+    let (members, mut membership) = follow(membership);
     let listen = udp.local_addr().unwrap_or(config.listen);
     let mtu = config
         .mtu
@@ -129,13 +145,23 @@ pub async fn run(
         .upstream
         .clone()
         .unwrap_or_else(dns_server::system_upstreams);
-    let dns_counters = dns_server::serve(sync.zone.clone(), upstreams, config.subnet).await?;
+    let (upstreams, upstreams_rx) = watch::channel(upstreams);
+    let dns_counters = dns_server::serve(sync.zone.clone(), upstreams_rx, config.subnet).await?;
     let mut control = ControlSocket::bind(&config.control_socket)?;
     let (control_tx, control_rx) = mpsc::channel(16);
     let uapi = uapi_server::serve(
         std::path::Path::new(uapi_server::UAPI_DIR),
         &config.device,
         control_tx.clone(),
+    );
+    let reloads = reload::spawn(
+        config.clone(),
+        reload::Ends {
+            membership: members,
+            upstreams,
+            withdraw_after: sync.withdraw_after,
+            metrics: metrics::spawn(metrics_listener, control_tx.clone()),
+        },
     );
     control.serve(control_tx);
     node.apply_membership(&membership.borrow_and_update());
@@ -153,6 +179,7 @@ pub async fn run(
         tun_offload = device.offload(),
         udp_gso,
         udp_gro,
+        metrics = ?config.metrics_listen,
         "meshd running"
     );
 
@@ -177,6 +204,7 @@ pub async fn run(
         sync_refused: sync.refused,
         dns_counters,
         policy_version: 0,
+        reloads,
     };
     let mut shell = shell;
     shell.refresh_policy();
@@ -222,6 +250,8 @@ struct Shell {
     dns_counters: Arc<dns_server::Counters>,
     /// Rises with every new policy or set of identities.
     policy_version: u64,
+    /// `meshctl reload` requests, to the reload task.
+    reloads: mpsc::Sender<tokio::sync::oneshot::Sender<Response>>,
 }
 
 /// The packet task's ends of the records sync.
@@ -232,6 +262,22 @@ struct SyncEnds {
     inbound: mpsc::Sender<records_sync::Inbound>,
     outbound: mpsc::Receiver<crate::dns::sync::Transmit>,
     refused: Arc<AtomicU64>,
+    withdraw_after: watch::Sender<Duration>,
+}
+
+/// The agent's own view of the membership: what `source` publishes, and
+/// what a reload of the config file sets.
+fn follow(
+    mut source: watch::Receiver<Membership>,
+) -> (watch::Sender<Membership>, watch::Receiver<Membership>) {
+    let (tx, rx) = watch::channel(source.borrow_and_update().clone());
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        while source.changed().await.is_ok() {
+            forward.send_replace(source.borrow_and_update().clone());
+        }
+    });
+    (tx, rx)
 }
 
 /// Starts the records-sync task. The zone starts from this host's own
@@ -253,6 +299,7 @@ fn start_records_sync(
     let (in_tx, in_rx) = mpsc::channel(records_sync::INBOUND_QUEUE);
     let (out_tx, out_rx) = mpsc::channel(records_sync::OUTBOUND_QUEUE);
     let refused = Arc::new(AtomicU64::new(0));
+    let (withdraw_tx, withdraw_rx) = watch::channel(config.dns.withdraw_after);
     let epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -275,6 +322,7 @@ fn start_records_sync(
             zone: zone_tx,
             zone_includes: includes_tx,
             refused: refused.clone(),
+            withdraw_after: withdraw_rx,
         }
         .run(),
     );
@@ -285,6 +333,7 @@ fn start_records_sync(
         inbound: in_tx,
         outbound: out_rx,
         refused,
+        withdraw_after: withdraw_tx,
     }
 }
 
@@ -455,8 +504,41 @@ impl Shell {
             }
             Request::Attach(req) => return self.begin_attach(req, reply),
             Request::Detach { netns } => return self.begin_detach(netns, reply),
+            Request::Metrics => Response::Metrics(self.metrics(now)),
+            Request::Reload => {
+                if let Err(busy) = self.reloads.try_send(reply) {
+                    let answer = Response::Error("a reload is already under way".into());
+                    let _ = busy.into_inner().send(answer);
+                }
+                return;
+            }
         };
         let _ = reply.send(response);
+    }
+
+    /// Every counter, copied between two wake-ups for a scrape.
+    fn metrics(&self, now: Instant) -> crate::control::MetricsSnapshot {
+        let mut drops: std::collections::BTreeMap<String, u64> = crate::core::DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_owned(), self.node.drops().get(*r)))
+            .collect();
+        drops.insert(
+            "sync_refused".into(),
+            self.sync_refused.load(Ordering::Relaxed),
+        );
+        let tap = self.config.mode == Mode::Tap;
+        crate::control::MetricsSnapshot {
+            peers: self.node.peer_statuses(now),
+            drops,
+            arp_replies: tap.then(|| self.node.arp_replies()),
+            dns_queries: self
+                .dns_counters
+                .results()
+                .iter()
+                .map(|(r, n)| ((*r).to_owned(), *n))
+                .collect(),
+            containers: self.containers.as_ref().map(|c| c.list().len()),
+        }
     }
 
     fn status(&self, now: Instant) -> HostStatus {

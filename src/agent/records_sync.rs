@@ -53,6 +53,8 @@ pub struct SyncTask {
     pub zone_includes: watch::Sender<u64>,
     /// Messages the sync refused (`sync_refused` in `meshctl status`).
     pub refused: Arc<AtomicU64>,
+    /// `dns.withdraw_after`, as a reload changes it.
+    pub withdraw_after: watch::Receiver<Duration>,
 }
 
 impl SyncTask {
@@ -90,6 +92,10 @@ impl SyncTask {
                     if changed.is_err() { return; }
                     let membership = self.membership.borrow_and_update().clone();
                     self.sync.set_members(&membership, std::time::Instant::now());
+                }
+                Ok(()) = self.withdraw_after.changed() => {
+                    let after = *self.withdraw_after.borrow_and_update();
+                    self.sync.set_withdraw_after(after);
                 }
                 () = tokio::time::sleep_until(due) => {
                     self.sync.handle_timeout(std::time::Instant::now());

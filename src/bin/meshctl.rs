@@ -6,14 +6,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use meshnet::config::{DEFAULT_DEVICE, default_control_socket};
 use meshnet::control::{self, AttachRequest, Request, Response};
 use meshnet::keys::{PresharedKey, PrivateKey};
 use meshnet::report;
 
 #[derive(Parser)]
-#[command(version, about = "Inspect and operate a meshnet agent")]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Inspect and operate a meshnet agent",
+    after_help = "Examples:\n  meshctl status\n  meshctl peers --json\n  meshctl --device mesh1 reload"
+)]
 struct Args {
     /// The agent's control socket [default: /run/meshnet/<device>.sock].
     #[arg(long, global = true)]
@@ -35,14 +40,19 @@ enum Format {
 #[derive(Subcommand)]
 enum Command {
     /// Print a new private key (base64, as `wg genkey`).
+    #[command(after_help = "Example:\n  meshctl genkey --out /etc/meshnet/h1.key")]
     Genkey {
         /// Write the key to this new file (mode 0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
     },
     /// Read a private key on stdin, print its public key (as `wg pubkey`).
+    #[command(after_help = "Example:\n  meshctl pubkey < /etc/meshnet/h1.key")]
     Pubkey,
     /// Show every tunnel: endpoint, state, handshake, transfer, drops.
+    #[command(
+        after_help = "Examples:\n  meshctl peers\n  meshctl peers --json | jq '.[] | select(.state != \"up\")'\n  meshctl peers --format dump"
+    )]
     Peers {
         /// Same as --format json.
         #[arg(long)]
@@ -52,18 +62,24 @@ enum Command {
         format: Format,
     },
     /// Print a new preshared key (base64, as `wg genpsk`).
+    #[command(after_help = "Example:\n  meshctl genpsk --out /etc/meshnet/cluster.psk")]
     Genpsk {
         /// Write the key to this new file (mode 0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
     },
     /// Show this host: identity, addresses, uptime, peer counts, drops.
+    #[command(after_help = "Examples:\n  meshctl status\n  meshctl status --json")]
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Give the container in a network namespace an overlay address (TAP
     /// mode): a veth into the namespace as eth0. Prints the address.
+    #[command(
+        after_help = "Example:\n  meshctl attach --netns web1 --name web1 --stack shop --service web --port http:8080/tcp"
+    )]
     Attach {
         /// The container's network namespace (`ip netns` name).
         #[arg(long)]
@@ -84,21 +100,61 @@ enum Command {
         /// published as _NAME._PROTO.<service>.<stack>.<domain> SRV. Repeatable.
         #[arg(long = "port")]
         ports: Vec<String>,
+        /// Print the container's record as JSON instead of its address.
+        #[arg(long)]
+        json: bool,
     },
     /// List the DNS records this agent serves and knows from its peers.
+    #[command(after_help = "Examples:\n  meshctl dns\n  meshctl dns --json")]
     Dns {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Undo an attach: remove the veth, free the address.
+    #[command(after_help = "Example:\n  meshctl detach --netns web1")]
     Detach {
+        /// The container's network namespace, as given to attach.
         #[arg(long)]
         netns: String,
-    },
-    /// List the containers attached on this host.
-    Containers {
+        /// Print the detached container's record as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// List the containers attached on this host.
+    #[command(after_help = "Examples:\n  meshctl containers\n  meshctl containers --json")]
+    Containers {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the agent re-read its config file and apply what can change
+    /// while it runs (peers, DNS upstreams and withdraw time, metrics
+    /// listener). A change that needs a restart refuses the whole reload,
+    /// as does a config with an error; nothing changes then. SIGHUP does
+    /// the same.
+    #[command(after_help = "Examples:\n  meshctl reload\n  meshctl --device mesh1 reload --json")]
+    Reload {
+        /// Print the changes as a JSON list.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script for meshctl.
+    #[command(
+        after_help = "Examples:\n  meshctl completions bash > /etc/bash_completion.d/meshctl\n  meshctl completions zsh > \"${fpath[1]}/_meshctl\""
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print meshctl's man page (roff), or a subcommand's (the
+    /// meshctl-COMMAND(1) pages the main page refers to).
+    #[command(
+        after_help = "Examples:\n  meshctl man > /usr/share/man/man1/meshctl.1\n  meshctl man reload > /usr/share/man/man1/meshctl-reload.1"
+    )]
+    Man {
+        /// A subcommand, for its own page.
+        command: Option<String>,
     },
     /// Explain the network policy.
     #[command(subcommand)]
@@ -199,6 +255,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             service,
             ip,
             ports,
+            json,
         } => {
             let req = Request::Attach(AttachRequest {
                 netns,
@@ -209,23 +266,32 @@ fn run(args: Args) -> anyhow::Result<()> {
                 ports,
             });
             match control::request(&socket, &req)? {
-                Response::Container(c) => {
-                    println!("{}", c.address);
-                    Ok(())
-                }
+                Response::Container(c) => show(&c, json, |c| format!("{}\n", c.address)),
                 other => unexpected(other),
             }
         }
-        Command::Detach { netns } => match control::request(&socket, &Request::Detach { netns })? {
-            Response::Container(c) => {
-                println!(
-                    "detached {} ({}), address {} is free",
-                    c.name, c.netns, c.address
-                );
-                Ok(())
+        Command::Detach { netns, json } => {
+            match control::request(&socket, &Request::Detach { netns })? {
+                Response::Container(c) => show(&c, json, |c| {
+                    format!(
+                        "detached {} ({}), address {} is free\n",
+                        c.name, c.netns, c.address
+                    )
+                }),
+                other => unexpected(other),
             }
+        }
+        Command::Reload { json } => match control::request(&socket, &Request::Reload)? {
+            Response::Reloaded(changes) => show(&changes, json, |c| reload_report(c)),
             other => unexpected(other),
         },
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Args::command(), "meshctl", &mut script);
+            write_stdout(&script)
+        }
+        Command::Man { command } => write_stdout(&man_page(command.as_deref())?),
         Command::Containers { json } => match control::request(&socket, &Request::Containers)? {
             Response::Containers(list) => show(&list, json, |l| report::containers(l)),
             other => unexpected(other),
@@ -313,6 +379,45 @@ fn show<T: serde::Serialize>(
     }
     print!("{}", text(value));
     Ok(())
+}
+
+/// The roff source of meshctl's page, or of `meshctl-<command>`'s.
+fn man_page(command: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let mut top = Args::command();
+    top.build();
+    let page = match command {
+        None => top,
+        Some(name) => {
+            let sub = top
+                .find_subcommand(name)
+                .with_context(|| format!("no command {name:?}; see `meshctl --help`"))?;
+            sub.clone().name(format!("meshctl-{name}"))
+        }
+    };
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page).render(&mut out)?;
+    Ok(out)
+}
+
+/// Writes generated text; a reader that went away early (`| head`) is
+/// not an error worth a message.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// What `meshctl reload` prints: one line per change.
+fn reload_report(changes: &[String]) -> String {
+    if changes.is_empty() {
+        return "reloaded: nothing changed\n".to_owned();
+    }
+    let mut text = String::from("reloaded:\n");
+    for change in changes {
+        text.push_str(&format!("  {change}\n"));
+    }
+    text
 }
 
 fn unexpected(response: Response) -> anyhow::Result<()> {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use meshnet::config::{self, Config};
-use meshnet::membership::Membership;
+use meshnet::control;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -72,8 +72,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
-    let (membership_tx, membership_rx) = watch::channel(config.membership.clone());
-    tokio::spawn(reload_on_hangup(hangup, config.clone(), membership_tx));
+    let (_membership, membership_rx) = watch::channel(config.membership.clone());
+    tokio::spawn(reload_on_hangup(hangup, config.control_socket.clone()));
     let shutdown = async move {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -84,36 +84,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads the config file and applies its peer list. Changes to
-/// this host's own identity, addresses or device need a restart and are
-/// refused with a log line; a config that does not validate changes nothing.
-async fn reload_on_hangup(
-    mut hangup: tokio::signal::unix::Signal,
-    running: Config,
-    peers: watch::Sender<Membership>,
-) {
+/// SIGHUP does what `meshctl reload` does, through the same control
+/// socket, so both take one path: the agent re-reads its config file and
+/// applies what can change at run time, or refuses the whole reload (the
+/// agent logs the outcome either way).
+async fn reload_on_hangup(mut hangup: tokio::signal::unix::Signal, socket: PathBuf) {
     while hangup.recv().await.is_some() {
-        let fresh = match config::load(&running.file) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("reload refused, keeping the running config: {e}");
-                continue;
-            }
-        };
-        let same_host = fresh.name == running.name
-            && fresh.public_key() == running.public_key()
-            && fresh.listen == running.listen
-            && fresh.subnet == running.subnet
-            && fresh.overlay == running.overlay
-            && fresh.device == running.device
-            && fresh.mtu == running.mtu
-            && fresh.control_socket == running.control_socket;
-        if !same_host {
-            tracing::error!("reload refused: only [[peer]] sections can change without a restart");
-            continue;
+        let socket = socket.clone();
+        let asked = tokio::task::spawn_blocking(move || {
+            control::request(&socket, &control::Request::Reload)
+        })
+        .await;
+        // The agent logs the outcome; only not reaching it is ours to say
+        // (a SIGHUP before the control socket is up, say).
+        if let Ok(Err(e @ control::ControlError::NotRunning(_))) = asked {
+            tracing::warn!("SIGHUP ignored: {e}");
         }
-        tracing::info!(peers = fresh.membership.peers.len(), "config reloaded");
-        peers.send_replace(fresh.membership);
     }
 }
 

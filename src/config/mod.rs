@@ -97,6 +97,8 @@ pub struct Config {
     /// Segmentation offloads (TUN TSO/GRO, UDP GSO/GRO) where the kernel
     /// offers them; `offload = false` turns them off.
     pub offload: bool,
+    /// Where Prometheus metrics are served over HTTP; `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
     pub membership: Membership,
     /// Who may reach whom; allows everything without a `[policy]` table.
     pub policy: crate::policy::Policy,
@@ -129,6 +131,7 @@ struct RawConfig {
     mtu: Option<Spanned<i64>>,
     offload: Option<bool>,
     cluster_psk_file: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
     #[serde(default)]
     peer: Vec<Spanned<RawPeer>>,
     dns: Option<RawDns>,
@@ -282,6 +285,11 @@ impl Validator<'_> {
         };
         let dns = self.dns(raw.dns.as_ref())?;
         let mtu = raw.mtu.as_ref().map(|m| self.mtu(m)).transpose()?;
+        let metrics_listen = raw
+            .metrics_listen
+            .as_ref()
+            .map(|m| self.socket_addr(m, "metrics_listen"))
+            .transpose()?;
         let cluster_psk = raw
             .cluster_psk_file
             .as_ref()
@@ -310,6 +318,7 @@ impl Validator<'_> {
             dns,
             mtu,
             offload: raw.offload.unwrap_or(true),
+            metrics_listen,
             membership: Membership { peers },
             policy,
         })
@@ -590,6 +599,7 @@ struct Own<'a> {
     subnet: Ipv4Net,
 }
 
+pub mod diff;
 mod policy;
 
 #[cfg(test)]

@@ -582,3 +582,16 @@ fn duplicate_rules_cross_tenant_rules_and_failing_tests_are_refused() {
     let empty = format!("{HEAD}{POLICY}").replacen("from = { stack = \"web\" }", "from = {}", 1);
     assert!(f.err(&empty).message.contains("needs a stack or a service"));
 }
+
+#[test]
+fn metrics_listen_is_off_unless_set_and_must_be_an_address() {
+    let f = Fixture::new();
+    assert_eq!(f.parse(HEAD).unwrap().metrics_listen, None);
+    let on = f.parse(&format!("metrics_listen = \"127.0.0.1:9586\"\n{HEAD}"));
+    assert_eq!(
+        on.unwrap().metrics_listen,
+        Some("127.0.0.1:9586".parse().unwrap())
+    );
+    let e = f.err(&format!("{HEAD}metrics_listen = \"9586\"\n"));
+    assert_at(&e, 4, "metrics_listen", "is not an address:port");
+}

@@ -116,6 +116,11 @@ impl Liveness {
         }
     }
 
+    /// Whether a handshake of ours is under way.
+    pub fn attempting(&self) -> bool {
+        self.attempt_since.is_some()
+    }
+
     pub fn last_handshake(&self) -> Option<Instant> {
         self.last_handshake
     }

@@ -131,6 +131,8 @@ pub struct Node {
     sync_packet: Vec<u8>,
     /// Who may reach whom, and the flows it allowed.
     policy: Enforcer,
+    /// TAP mode: ARP requests answered (for metrics).
+    arp_replies: u64,
 }
 
 impl Node {
@@ -171,6 +173,7 @@ impl Node {
             icmp_window: now,
             sync_packet: Vec::new(),
             policy: Enforcer::default(),
+            arp_replies: 0,
         }
     }
 
@@ -218,6 +221,7 @@ impl Node {
             {
                 let placed = Placed::within(start, &room[..n]);
                 out.commit_device(placed);
+                self.arp_replies += 1;
             }
             return;
         }
@@ -268,8 +272,9 @@ impl Node {
     }
 
     /// Makes the peer set equal to `membership`: new peers are added,
-    /// missing ones removed, changed ones updated (rebuilt when their key,
-    /// subnet or keepalive changed). Sessions of unchanged peers survive.
+    /// missing ones removed, changed ones updated: endpoint and keepalive in
+    /// place, rebuilt when their subnet or preshared key changed (the key
+    /// names the peer). Sessions of unchanged peers survive.
     pub fn apply_membership(&mut self, membership: &Membership) {
         let wanted: HashMap<PublicKey, &PeerSpec> =
             membership.peers.iter().map(|p| (p.public_key, p)).collect();
@@ -442,6 +447,11 @@ impl Node {
             }
         }
         s
+    }
+
+    /// ARP requests answered so far (TAP mode).
+    pub fn arp_replies(&self) -> u64 {
+        self.arp_replies
     }
 
     pub fn drops(&self) -> &DropCounters {
@@ -627,10 +637,7 @@ impl Node {
                 return;
             };
             let old = peer.spec();
-            if old.subnet == spec.subnet
-                && old.keepalive == spec.keepalive
-                && old.preshared_key == spec.preshared_key
-            {
+            if old.subnet == spec.subnet && old.preshared_key == spec.preshared_key {
                 peer.update_spec(spec.clone());
                 return;
             }

@@ -54,6 +54,13 @@ pub struct PeerStatus {
     /// Packets from or for this peer that were dropped.
     pub dropped: u64,
     pub keepalive: Option<u16>,
+    /// Handshakes that gave this peer a session (initiated or answered).
+    #[serde(default)]
+    pub handshakes: u64,
+    /// Handshake attempts given up on, and responses that did not
+    /// authenticate.
+    #[serde(default)]
+    pub handshake_failures: u64,
     /// Why the tunnel is not up, when it is not.
     pub reason: Option<String>,
     pub has_preshared_key: bool,
@@ -87,6 +94,12 @@ pub(crate) struct Peer {
     queued: bool,
     /// When we last answered a stale initiation with one of our own.
     countered_at: Option<Instant>,
+    handshakes: u64,
+    handshake_failures: u64,
+    /// When the next persistent keepalive is due. meshd sends them itself,
+    /// not boringtun, whose interval is fixed when the `Tunn` is made: a
+    /// reload that changes the interval must not cost the session.
+    keepalive_due: Option<Instant>,
     span: tracing::Span,
 }
 
@@ -101,7 +114,7 @@ impl Peer {
             secret,
             spec.public_key.to_x25519(),
             spec.preshared_key.as_ref().map(PresharedKey::to_bytes),
-            spec.keepalive,
+            None,
             index,
             Some(rate_limiter),
         );
@@ -119,6 +132,9 @@ impl Peer {
             failure: None,
             queued: false,
             countered_at: None,
+            handshakes: 0,
+            handshake_failures: 0,
+            keepalive_due: None,
             span,
         }
     }
@@ -127,11 +143,16 @@ impl Peer {
         &self.spec
     }
 
-    /// Takes a changed spec that keeps key, subnet and keepalive (the
-    /// caller rebuilds the peer otherwise).
+    /// Takes a changed spec that keeps key, subnet and preshared key (the
+    /// caller rebuilds the peer otherwise): a new endpoint or keepalive
+    /// applies to the running session.
     pub(crate) fn update_spec(&mut self, spec: PeerSpec) {
         if spec.endpoint.is_some() && spec.endpoint != self.spec.endpoint {
             self.endpoint = spec.endpoint;
+        }
+        if spec.keepalive != self.spec.keepalive {
+            self.liveness.set_keepalive(spec.keepalive);
+            self.keepalive_due = None;
         }
         self.spec = spec;
     }
@@ -255,6 +276,9 @@ impl Peer {
                 // one that matches our initiation and still fails to
                 // authenticate says the keys disagree.
                 let stale = matches!(e, WireGuardError::UnexpectedPacket);
+                if kind == MSG_RESPONSE && !stale {
+                    self.handshake_failures += 1;
+                }
                 if kind == MSG_RESPONSE && !stale && self.failure.is_none() {
                     warn!(parent: &self.span, "handshake response did not authenticate: do the preshared keys differ?");
                     self.failure = Some(Failure::ResponseRejected);
@@ -280,7 +304,12 @@ impl Peer {
                     out.commit_network(to, placed);
                 }
             }
-            TunnResult::Err(WireGuardError::ConnectionExpired) => self.liveness.on_expired(now),
+            TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                if self.liveness.attempting() {
+                    self.handshake_failures += 1;
+                }
+                self.liveness.on_expired(now);
+            }
             TunnResult::Err(e) => trace!(parent: &self.span, error = ?e, "timer error"),
             TunnResult::Done
             | TunnResult::WriteToTunnelV4(..)
@@ -290,7 +319,29 @@ impl Peer {
         if self.endpoint.is_some() && self.liveness.wants_handshake(now, has_session) {
             self.initiate(now, out);
         }
+        self.persistent_keepalive(now, has_session, out);
         self.report_state_change(now);
+    }
+
+    /// Sends an empty data message every `keepalive` seconds while a session
+    /// exists, as `wg`'s persistent keepalive does (keeping NAT and
+    /// firewall state open). Without a session, `tick` handshakes instead.
+    fn persistent_keepalive(&mut self, now: Instant, has_session: bool, out: &mut Outbox) {
+        let (Some(secs), Some(to), true) = (self.spec.keepalive, self.endpoint, has_session) else {
+            return;
+        };
+        let interval = std::time::Duration::from_secs(secs.into());
+        let due = *self.keepalive_due.get_or_insert(now + interval);
+        if now < due {
+            return;
+        }
+        self.keepalive_due = Some(now + interval);
+        let room = out.spare(MIN_ROOM);
+        let start = room.as_ptr();
+        if let TunnResult::WriteToNetwork(msg) = self.tunn.encapsulate(&[], room) {
+            let placed = Placed::within(start, msg);
+            out.commit_network(to, placed);
+        }
     }
 
     pub(crate) fn status(&self, now: Instant) -> PeerStatus {
@@ -311,6 +362,8 @@ impl Peer {
             tx_packets: self.tx_packets,
             dropped: self.dropped,
             keepalive: self.spec.keepalive,
+            handshakes: self.handshakes,
+            handshake_failures: self.handshake_failures,
             reason: self.reason(now),
             has_preshared_key: self.spec.preshared_key.is_some(),
         }
@@ -387,10 +440,14 @@ impl Peer {
             return;
         }
         match kind {
-            MSG_INITIATION => self.liveness.on_initiation_answered(now),
+            MSG_INITIATION => {
+                self.liveness.on_initiation_answered(now);
+                self.handshakes += 1;
+            }
             MSG_RESPONSE => {
                 self.liveness.on_response(now);
                 self.failure = None;
+                self.handshakes += 1;
             }
             _ => {}
         }

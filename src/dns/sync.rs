@@ -158,6 +158,12 @@ pub struct RecordsSync {
 
 impl RecordsSync {
     /// `epoch` is the agent's start time in Unix milliseconds (see `Stamp`).
+    /// A reload changed how long a silent host keeps its records; the next
+    /// `handle_timeout` applies it.
+    pub fn set_withdraw_after(&mut self, withdraw_after: Duration) {
+        self.withdraw_after = withdraw_after;
+    }
+
     pub fn new(
         domain: &str,
         withdraw_after: Duration,

@@ -577,6 +577,67 @@ fn membership_changes_add_remove_and_keep_sessions() {
     assert_eq!(sim.hosts[2].delivered, vec![ping]);
 }
 
+#[test]
+fn a_changed_keepalive_applies_in_place_without_a_new_handshake() {
+    let defs = three_hosts();
+    let mut sim = Sim::mesh(&defs, None);
+    sim.tick();
+    sim.run();
+    // Both ends initiated at once: each answered one and had one answered.
+    let (before, before_h1) = (
+        sim.status(0, "h1").handshakes,
+        sim.status(1, "h0").handshakes,
+    );
+    assert!(before >= 1);
+    let with_keepalive = vec![
+        spec("h1", &defs[1], true, Some(5)),
+        spec("h2", &defs[2], true, None),
+    ];
+    sim.hosts[0].node.apply_membership(&Membership {
+        peers: with_keepalive,
+    });
+    let s = sim.status(0, "h1");
+    assert_eq!(
+        (s.keepalive, s.state, s.handshakes),
+        (Some(5), PeerState::Up, before)
+    );
+    // Every 5 s an empty data message (32 bytes) goes to h1, and only then.
+    let mut sent = Vec::new();
+    for _ in 0..12 {
+        sim.advance(Duration::from_secs(1));
+        sim.tick();
+        let h = &mut sim.hosts[0];
+        sent.push(h.out.network().filter(|(_, d)| d.len() == 32).count());
+        sim.run();
+    }
+    assert_eq!(sent.iter().sum::<usize>(), 2, "{sent:?}");
+    let at: Vec<usize> = (0..sent.len()).filter(|i| sent[*i] == 1).collect();
+    assert_eq!(at[1] - at[0], 5, "every 5 s: {sent:?}");
+    assert!(at[0] <= 5, "the first within a tick of 5 s: {sent:?}");
+    assert_eq!(sim.status(0, "h1").handshakes, before, "no new handshake");
+    assert_eq!(
+        sim.status(1, "h0").handshakes,
+        before_h1,
+        "none on the other side"
+    );
+}
+
+#[test]
+fn a_rejected_handshake_response_counts_as_a_failure() {
+    let key = crate::keys::PresharedKey::generate().unwrap();
+    let other = crate::keys::PresharedKey::generate().unwrap();
+    let defs = vec![
+        def("10.42.1.0/24", "192.0.2.1:51820"),
+        def("10.42.2.0/24", "192.0.2.2:51820"),
+    ];
+    let mut sim = with_psks(&defs, [Some(&key), Some(&other)]);
+    sim.tick();
+    sim.run();
+    let s = sim.status(0, "h1");
+    assert!(s.handshake_failures >= 1, "{s:?}");
+    assert_eq!(sim.status(0, "h1").state, PeerState::Connecting);
+}
+
 mod tap {
     use etherparse::{ArpEthIpv4Packet, ArpOperation};
 
@@ -644,6 +705,7 @@ mod tap {
         let mut sim = pair();
         let replies = from_device(&mut sim, 0, &arp_request(C2));
         assert_eq!(replies.len(), 1);
+        assert_eq!(sim.hosts[0].node.arp_replies(), 1);
         let reply = Frame::parse(&replies[0]).unwrap();
         assert_eq!(reply.destination, Mac::of_container(C1));
         assert_eq!(reply.source, agent_mac(&sim, 0));
