@@ -94,6 +94,18 @@ pub struct MetricsSnapshot {
     pub dns_queries: BTreeMap<String, u64>,
     /// TAP mode: containers attached.
     pub containers: Option<usize>,
+    /// Policy drops by direction, tier and rule ("" when no rule decided).
+    #[serde(default)]
+    pub policy_drops: Vec<PolicyDropCount>,
+}
+
+/// One policy drop counter, for the metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDropCount {
+    pub direction: String,
+    pub tier: String,
+    pub rule: String,
+    pub count: u64,
 }
 
 /// This host as `meshctl status` shows it.

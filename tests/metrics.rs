@@ -9,15 +9,16 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 use meshnet::config::Mode;
-use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, in_netns};
+use meshnet_testbed::{
+    Binaries, METRICS_LISTEN, MeshOptions, Testbed, exec_in, in_netns, promtool_check,
+};
 
-const METRICS: &str = "127.0.0.1:9586";
+const METRICS: &str = METRICS_LISTEN;
 
 fn bins() -> Binaries {
     Binaries {
@@ -47,21 +48,7 @@ fn bed_in(tag: &str, mode: Mode) -> Testbed {
 
 /// `GET path` inside host `i`'s namespace: the status line and the body.
 fn get(bed: &Testbed, i: usize, path: &str) -> (String, String) {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {METRICS}\r\nConnection: close\r\n\r\n");
-    let reply = in_netns(&bed.hosts[i].ns, move || {
-        let mut stream = TcpStream::connect(METRICS)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
-        Ok(reply)
-    })
-    .unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
+    bed.http_get(i, path).unwrap()
 }
 
 fn scrape(bed: &Testbed) -> String {
@@ -80,20 +67,7 @@ fn value(text: &str, series: &str) -> f64 {
 }
 
 fn promtool(text: &str) -> std::process::Output {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool missing: scripts/test.sh installs the prometheus package");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    promtool_check(text).unwrap()
 }
 
 #[test]

@@ -16,7 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use meshnet::config::Mode;
-use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
+use meshnet_testbed::{
+    Binaries, METRICS_LISTEN, MeshOptions, Testbed, exec_in, promtool_check, wait_until,
+};
 
 fn bins() -> Binaries {
     Binaries {
@@ -32,11 +34,11 @@ within = "stack"
 
 [[policy.tenant]]
 name = "blue"
-hosts = ["h0", "h1"]
+hosts = ["h1", "h2"]
 
 [[policy.tenant]]
 name = "red"
-hosts = ["h2"]
+hosts = ["h3"]
 
 [[policy.rule]]
 name = "web-db"
@@ -46,8 +48,8 @@ ports = ["5432/tcp"]
 action = "allow"
 
 [[policy.test]]
-from = { stack = "web", host = "h0" }
-to = { stack = "db", host = "h1" }
+from = { stack = "web", host = "h1" }
+to = { stack = "db", host = "h2" }
 port = "5432/tcp"
 expect = "allow"
 "#;
@@ -65,7 +67,8 @@ fn require_tools() {
     }
 }
 
-/// Three TAP hosts; `with_policy[i]` says whether host i has [policy].
+/// Three TAP hosts (h1, h2, h3 at indices 0-2); `with_policy[i]` says
+/// whether host i has [policy].
 fn mesh(tag: &str, with_policy: [bool; 3]) -> Testbed {
     require_tools();
     let options = MeshOptions {
@@ -75,6 +78,8 @@ fn mesh(tag: &str, with_policy: [bool; 3]) -> Testbed {
     };
     let mut bed = Testbed::new(tag, &options, bins()).expect("building the testbed");
     for (i, on) in with_policy.iter().enumerate() {
+        bed.prepend_config(i, &format!("metrics_listen = \"{METRICS_LISTEN}\""))
+            .unwrap();
         if *on {
             bed.append_config(i, POLICY).unwrap();
         }
@@ -259,7 +264,7 @@ fn every_cell_of_the_matrix_does_what_policy_test_says() {
 
 #[test]
 fn a_sender_without_egress_policy_is_stopped_at_the_receiver() {
-    // h0 enforces nothing, as a plain WireGuard peer would; h1 does.
+    // h1 enforces nothing, as a plain WireGuard peer would; h2 does.
     let mut bed = mesh("pol-ingress", [false, true, true]);
     let web = add(&mut bed, 0, "web1", "web");
     let db = add(&mut bed, 1, "db1", "db");
@@ -298,4 +303,206 @@ fn a_sender_without_egress_policy_is_stopped_at_the_receiver() {
         u64::from(SENT)
     );
     assert_eq!(bed.dropped(0, "policy_egress").unwrap(), 0);
+    // The metrics say the same, by direction, tier and rule.
+    let (status, body) = bed.http_get(1, "/metrics").unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let series =
+        "meshnet_policy_dropped_packets_total{direction=\"ingress\",tier=\"within\",rule=\"\"}";
+    let line = body
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .unwrap_or_else(|| panic!("no {series} in\n{body}"));
+    assert_eq!(line.trim(), (u64::from(SENT) + before).to_string());
+    let check = promtool_check(&body).unwrap();
+    assert!(
+        check.status.success(),
+        "promtool: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// A TCP server in `ns` on port 5432 that hashes what it receives, keeps
+/// the byte count in `count_file`, and answers the SHA-256 at EOF.
+const HASH_SERVER: &str = r#"
+import hashlib, socket, sys
+count_file = sys.argv[1]
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 5432)); s.listen(4)
+print('ready', flush=True)
+while True:
+    c, _ = s.accept()
+    h, n = hashlib.sha256(), 0
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        h.update(b); n += len(b)
+        open(count_file, 'w').write(str(n))
+    c.sendall(h.hexdigest().encode()); c.close()
+"#;
+
+/// A client driven by lines on stdin: `send N` sends N random bytes and
+/// answers `sent`; `finish` half-closes and prints whether the server's
+/// SHA-256 matches what was sent.
+const HASH_CLIENT: &str = r#"
+import hashlib, os, socket, sys
+c = socket.create_connection((sys.argv[1], 5432), timeout=30)
+h = hashlib.sha256()
+print('connected', flush=True)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == 'send':
+        b = os.urandom(int(cmd[1])); h.update(b); c.sendall(b)
+        print('sent', flush=True)
+    elif cmd[0] == 'finish':
+        c.shutdown(socket.SHUT_WR)
+        got = b''
+        while True:
+            b = c.recv(100)
+            if not b:
+                break
+            got += b
+        print('match' if got.decode() == h.hexdigest() else 'mismatch', flush=True)
+        break
+"#;
+
+struct Driven {
+    child: Child,
+    lines: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Driven {
+    fn start(ns: &str, script: &str, args: &[&str], expect: &str) -> Self {
+        let mut argv = vec!["netns", "exec", ns, "python3", "-c", script];
+        argv.extend_from_slice(args);
+        let mut child = Command::new("ip")
+            .args(&argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut me = Self { child, lines };
+        assert_eq!(me.line(), expect);
+        me
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.lines, &mut line).unwrap();
+        line.trim().to_owned()
+    }
+
+    fn say(&mut self, what: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{what}").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Rewrites the policy part of every host's config and reloads it with
+/// `meshctl reload`, which must report the policy change.
+fn reload_policy(bed: &Testbed, policy: &str) {
+    for (i, host) in bed.hosts.iter().enumerate() {
+        let text = std::fs::read_to_string(&host.config).unwrap();
+        let base = text.split("\n[policy]").next().unwrap();
+        std::fs::write(&host.config, format!("{base}{policy}")).unwrap();
+        let out = bed.meshctl(i, &["reload"]).unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("policy:"),
+            "reload on host {i}: {said} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn byte_count(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_stream_survives_reloads_that_keep_it_and_stops_when_its_rule_goes() {
+    let mut bed = mesh("pol-reload", [true; 3]);
+    let web = add(&mut bed, 0, "web1", "web");
+    let db = add(&mut bed, 1, "db1", "db");
+    assert!(wait_until(Duration::from_secs(20), || {
+        (0..2).all(|h| {
+            let r = bed.records(h).unwrap_or_default();
+            [web.address, db.address]
+                .iter()
+                .all(|a| r.iter().any(|x| x.value == a.to_string()))
+        })
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let counts = dir.path().join("count");
+    let _server = Driven::start(&db.ns, HASH_SERVER, &[counts.to_str().unwrap()], "ready");
+    let mut client = Driven::start(
+        &web.ns,
+        HASH_CLIENT,
+        &[&db.address.to_string()],
+        "connected",
+    );
+
+    // Ten reloads that change the policy but keep web -> db:5432 allowed.
+    for round in 0..10 {
+        client.say("send 65536");
+        assert_eq!(client.line(), "sent");
+        let extra = format!(
+            "{POLICY}\n[[policy.rule]]\nname = \"extra{round}\"\nfrom = {{ stack = \"x{round}\" }}\nto = {{ stack = \"db\" }}\naction = \"allow\"\n"
+        );
+        reload_policy(&bed, &extra);
+    }
+    client.say("send 65536");
+    assert_eq!(client.line(), "sent");
+    client.say("finish");
+    assert_eq!(
+        client.line(),
+        "match",
+        "the stream lost or changed bytes across reloads"
+    );
+
+    // A long-lived flow, then its rule goes: it stops at its next packet.
+    let mut client = Driven::start(
+        &web.ns,
+        HASH_CLIENT,
+        &[&db.address.to_string()],
+        "connected",
+    );
+    client.say("send 1000");
+    assert_eq!(client.line(), "sent");
+    assert!(wait_until(Duration::from_secs(5), || byte_count(&counts) == 1000));
+    let denied_before = bed.dropped(0, "policy_egress").unwrap();
+    let without_rule = POLICY.replace("ports = [\"5432/tcp\"]", "ports = [\"5433/tcp\"]");
+    let without_rule = without_rule.replace(
+        "[[policy.test]]\nfrom = { stack = \"web\", host = \"h1\" }\nto = { stack = \"db\", host = \"h2\" }\nport = \"5432/tcp\"",
+        "[[policy.test]]\nfrom = { stack = \"web\", host = \"h1\" }\nto = { stack = \"db\", host = \"h2\" }\nport = \"5433/tcp\"",
+    );
+    reload_policy(&bed, &without_rule);
+    client.say("send 1000");
+    assert_eq!(client.line(), "sent");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            bed.dropped(0, "policy_egress").unwrap() > denied_before
+        }),
+        "the flow's next packet was not dropped"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        byte_count(&counts),
+        1000,
+        "bytes crossed after the rule went"
+    );
 }

@@ -179,6 +179,24 @@ pub fn render(s: &MetricsSnapshot) -> String {
         "DNS queries to the service address, by result",
         dns,
     );
+    // Series appear with the first drop: a label set per rule cannot be
+    // known before.
+    let policy = Family::<Labels, Counter>::default();
+    for d in &s.policy_drops {
+        let labels = vec![
+            ("direction".to_owned(), d.direction.clone()),
+            ("tier".to_owned(), d.tier.clone()),
+            ("rule".to_owned(), d.rule.clone()),
+        ];
+        policy.get_or_create(&labels).inc_by(d.count);
+    }
+    if !s.policy_drops.is_empty() {
+        registry.register(
+            "policy_dropped_packets",
+            "Packets the network policy dropped, by direction, tier and rule",
+            policy,
+        );
+    }
     if let Some(n) = s.arp_replies {
         let arp: Counter = Counter::default();
         arp.inc_by(n);
@@ -337,6 +355,12 @@ mod tests {
             arp_replies: Some(9),
             dns_queries: BTreeMap::from([("local".into(), 6)]),
             containers: Some(2),
+            policy_drops: vec![crate::control::PolicyDropCount {
+                direction: "ingress".into(),
+                tier: "rule".into(),
+                rule: "no-ssh".into(),
+                count: 3,
+            }],
         }
     }
 
@@ -361,6 +385,7 @@ mod tests {
             "# TYPE meshnet_containers gauge",
             "meshnet_containers 2",
             "meshnet_build_info{version=\"0.1.0\"} 1",
+            "meshnet_policy_dropped_packets_total{direction=\"ingress\",tier=\"rule\",rule=\"no-ssh\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

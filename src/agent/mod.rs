@@ -154,6 +154,7 @@ pub async fn run(
         &config.device,
         control_tx.clone(),
     );
+    let (policy_tx, policy_rx) = watch::channel(config.policy.clone());
     let reloads = reload::spawn(
         config.clone(),
         reload::Ends {
@@ -161,6 +162,7 @@ pub async fn run(
             upstreams,
             withdraw_after: sync.withdraw_after,
             metrics: metrics::spawn(metrics_listener, control_tx.clone()),
+            policy: policy_tx,
         },
     );
     control.serve(control_tx);
@@ -204,6 +206,7 @@ pub async fn run(
         sync_refused: sync.refused,
         dns_counters,
         policy_version: 0,
+        policy: policy_rx,
         reloads,
     };
     let mut shell = shell;
@@ -250,6 +253,8 @@ struct Shell {
     dns_counters: Arc<dns_server::Counters>,
     /// Rises with every new policy or set of identities.
     policy_version: u64,
+    /// The `[policy]` table, as reloads change it.
+    policy: watch::Receiver<crate::policy::Policy>,
     /// `meshctl reload` requests, to the reload task.
     reloads: mpsc::Sender<tokio::sync::oneshot::Sender<Response>>,
 }
@@ -358,6 +363,7 @@ impl Shell {
                 Some(done) = ops.recv() => self.finish_op(done),
                 Ok(()) = self.zone_includes.changed() => self.release_replies(),
                 Ok(()) = self.zone.changed() => self.refresh_policy(),
+                Ok(()) = self.policy.changed() => self.reload_policy(),
                 Some(transmit) = self.sync_out.recv() => {
                     let now = Instant::now();
                     self.node.send_sync(now, &transmit.to, &transmit.payload, &mut out);
@@ -467,6 +473,24 @@ impl Shell {
         out.clear();
     }
 
+    /// A reload's new `[policy]`. In TAP mode, whether containers of this
+    /// host must pass through the agent follows whether it can deny.
+    fn reload_policy(&mut self) {
+        let fresh = self.policy.borrow_and_update().clone();
+        let hairpin = !fresh.allows_everything();
+        let was = !self.config.policy.allows_everything();
+        self.config.policy = fresh;
+        self.refresh_policy();
+        if self.config.mode == Mode::Tap && hairpin != was {
+            tokio::spawn(async move {
+                match netops::set_hairpin(hairpin).await {
+                    Ok(()) => tracing::info!(hairpin, "bridge filter updated for the new policy"),
+                    Err(e) => tracing::error!(error = %e, "updating the bridge filter failed"),
+                }
+            });
+        }
+    }
+
     /// Gives the node the configured policy with the identities of the
     /// newest zone, as one new version.
     fn refresh_policy(&mut self) {
@@ -538,6 +562,20 @@ impl Shell {
                 .map(|(r, n)| ((*r).to_owned(), *n))
                 .collect(),
             containers: self.containers.as_ref().map(|c| c.list().len()),
+            policy_drops: self
+                .node
+                .policy()
+                .counters()
+                .iter()
+                .map(
+                    |((direction, tier, rule), n)| crate::control::PolicyDropCount {
+                        direction: direction.as_str().to_owned(),
+                        tier: tier.to_string(),
+                        rule: rule.as_deref().unwrap_or("").to_owned(),
+                        count: *n,
+                    },
+                )
+                .collect(),
         }
     }
 

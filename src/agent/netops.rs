@@ -142,6 +142,12 @@ pub async fn install_filter(ports: &[Port], hairpin: bool) -> Result<(), NetopsE
     nft(&["-f", "-"], &isolation::full_table(ports, hairpin)).await
 }
 
+/// Turns on or off the rule that makes containers of this host reach each
+/// other only through the agent; the ports' own chains stay as they are.
+pub async fn set_hairpin(hairpin: bool) -> Result<(), NetopsError> {
+    nft(&["-f", "-"], &isolation::hairpin(hairpin)).await
+}
+
 /// Creates the veth pair, moves one end into the namespace as `eth0`, and
 /// configures it; on failure removes the pair again. The port's filter is
 /// in place before the pair exists (and removed again on failure).

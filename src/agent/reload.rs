@@ -2,7 +2,7 @@
 //! re-reads the config file, asks `config::diff` what changed, and hands
 //! each change to the task that owns it: peers to the packet task, DNS
 //! upstreams to the DNS server, the withdraw time to the records sync, the
-//! metrics listener to the metrics server.
+//! metrics listener to the metrics server, the policy to the packet task.
 //!
 //! All or nothing: a file that does not validate, a setting that needs a
 //! restart, or a metrics address that cannot be bound refuses the reload
@@ -27,6 +27,7 @@ pub struct Ends {
     pub upstreams: watch::Sender<Vec<SocketAddr>>,
     pub withdraw_after: watch::Sender<Duration>,
     pub metrics: mpsc::Sender<Option<TcpListener>>,
+    pub policy: watch::Sender<crate::policy::Policy>,
 }
 
 /// Starts the task; each reply sent on the returned channel asks for one
@@ -76,6 +77,9 @@ async fn apply(plan: &Plan, fresh: &Config, listener: Option<Option<TcpListener>
     if plan.peers_changed() {
         ends.membership.send_replace(fresh.membership.clone());
     }
+    if plan.policy_changed() {
+        ends.policy.send_replace(fresh.policy.clone());
+    }
     for change in &plan.changes {
         match change {
             Change::DnsUpstream(list) => {
@@ -88,7 +92,8 @@ async fn apply(plan: &Plan, fresh: &Config, listener: Option<Option<TcpListener>
             Change::PeerAdded(_)
             | Change::PeerRemoved(_)
             | Change::PeerChanged { .. }
-            | Change::MetricsListen(_) => {}
+            | Change::MetricsListen(_)
+            | Change::Policy(_) => {}
         }
     }
     if let Some(listener) = listener {

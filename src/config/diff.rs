@@ -25,6 +25,9 @@ pub enum Change {
     DnsUpstream(Option<Vec<SocketAddr>>),
     WithdrawAfter(u64),
     MetricsListen(Option<SocketAddr>),
+    /// The `[policy]` table changed; tracked flows are decided again at
+    /// their next packet.
+    Policy(String),
 }
 
 impl fmt::Display for Change {
@@ -41,6 +44,7 @@ impl fmt::Display for Change {
             Change::WithdrawAfter(secs) => write!(f, "dns.withdraw_after: {secs} s"),
             Change::MetricsListen(None) => write!(f, "metrics_listen: off"),
             Change::MetricsListen(Some(at)) => write!(f, "metrics_listen: {at}"),
+            Change::Policy(summary) => write!(f, "policy: {summary}"),
         }
     }
 }
@@ -59,6 +63,10 @@ impl Plan {
                 Change::PeerAdded(_) | Change::PeerRemoved(_) | Change::PeerChanged { .. }
             )
         })
+    }
+
+    pub fn policy_changed(&self) -> bool {
+        self.changes.iter().any(|c| matches!(c, Change::Policy(_)))
     }
 
     pub fn metrics_changed(&self) -> bool {
@@ -96,6 +104,9 @@ pub fn plan(running: &Config, fresh: &Config) -> Result<Plan, RestartNeeded> {
     if running.metrics_listen != fresh.metrics_listen {
         changes.push(Change::MetricsListen(fresh.metrics_listen));
     }
+    if running.policy != fresh.policy {
+        changes.push(Change::Policy(policy_summary(&fresh.policy)));
+    }
     Ok(Plan { changes })
 }
 
@@ -114,6 +125,7 @@ fn restart_only(a: &Config, b: &Config) -> Vec<&'static str> {
         ("bridge", a.bridge == b.bridge),
         ("state_dir", a.state_dir == b.state_dir),
         ("mtu", a.mtu == b.mtu),
+        ("offload", a.offload == b.offload),
         ("dns.domain", a.dns.domain == b.dns.domain),
     ]
     .into_iter()
@@ -167,6 +179,20 @@ fn peer_fields(o: &PeerSpec, n: &PeerSpec) -> Vec<String> {
         what.push("preshared key (new handshake)".to_owned());
     }
     what
+}
+
+fn policy_summary(p: &crate::policy::Policy) -> String {
+    let within = p
+        .within
+        .map(|w| format!(", within {w}"))
+        .unwrap_or_default();
+    format!(
+        "default {}{within}, {} rules, {} tenants, {} tests passed",
+        p.default,
+        p.rules.len(),
+        p.tenants.len(),
+        p.tests.len()
+    )
 }
 
 fn shown<T: fmt::Display>(value: Option<T>) -> String {

@@ -1,8 +1,8 @@
 //! L2 isolation on the TAP bridge: the nftables ruleset, as text.
 //!
-//! The kernel filters every frame a container puts on the bridge (the
-//! agent never sees container-to-container frames, so it cannot police
-//! them). One table, `bridge meshnet`, holds:
+//! The kernel filters every frame a container puts on the bridge. Without
+//! a policy that can deny, the agent never sees container-to-container
+//! frames; with one, the forward chain sends them through the agent. One table, `bridge meshnet`, holds:
 //!
 //! ```text
 //! prerouting (hook, policy accept)
@@ -15,6 +15,8 @@
 //!   drop                           any other source or ethertype
 //! input (hook, policy accept)
 //!   iifname "mv*" ether type != arp drop
+//! forward (hook, policy accept)
+//!   iifname "mv*" oifname "mv*" drop   only under a policy that can deny
 //! ```
 //!
 //! The input rule keeps containers off the host's own addresses (frames
@@ -111,16 +113,31 @@ pub fn full_table(ports: &[Port], hairpin: bool) -> String {
          chain input {{\n    type filter hook input priority filter; policy accept;\n    \
          iifname \"{PORT_PREFIX}*\" ether type != arp drop\n  }}\n"
     );
-    if hairpin {
-        let _ = write!(
-            s,
-            "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    \
-             iifname \"{PORT_PREFIX}*\" oifname \"{PORT_PREFIX}*\" drop\n  }}\n"
-        );
-    }
-    s.push_str("}\n");
+    let _ = write!(
+        s,
+        "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{}  }}\n}}\n",
+        if hairpin { HAIRPIN_RULE_INDENTED } else { "" }
+    );
     for port in ports {
         s.push_str(&map_add(&port.name));
+    }
+    s
+}
+
+const HAIRPIN_RULE_INDENTED: &str = "    iifname \"mv*\" oifname \"mv*\" drop\n";
+
+/// Sets whether containers reach each other only through the agent, in
+/// one transaction, leaving every port's chain alone.
+pub fn hairpin(on: bool) -> String {
+    let mut s = format!(
+        "add chain bridge {TABLE} forward {{ type filter hook forward priority filter; policy accept; }}\n\
+         flush chain bridge {TABLE} forward\n"
+    );
+    if on {
+        let _ = writeln!(
+            s,
+            "add rule bridge {TABLE} forward iifname \"{PORT_PREFIX}*\" oifname \"{PORT_PREFIX}*\" drop"
+        );
     }
     s
 }
@@ -227,6 +244,9 @@ mod tests {
                chain input {\n    \
                  type filter hook input priority filter; policy accept;\n    \
                  iifname \"mv*\" ether type != arp drop\n  \
+               }\n  \
+               chain forward {\n    \
+                 type filter hook forward priority filter; policy accept;\n  \
                }\n\
              }\n\
              add element bridge meshnet ports { \"mv0a2a0105\" : jump c_mv0a2a0105 }\n"
@@ -275,7 +295,10 @@ mod tests {
             with.contains("iifname \"mv*\" oifname \"mv*\" drop"),
             "{with}"
         );
-        assert!(!full_table(&[port()], false).contains("chain forward"));
+        assert!(!full_table(&[port()], false).contains("oifname"));
+        assert!(hairpin(true).contains("oifname \"mv*\" drop"));
+        assert!(!hairpin(false).contains("add rule"));
+        assert!(hairpin(false).contains("flush chain bridge meshnet forward"));
         // Still one table, closed once.
         assert_eq!(with.matches("\n}\n").count(), 1, "{with}");
     }

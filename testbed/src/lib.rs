@@ -1027,3 +1027,46 @@ fn wait_bounded(child: &mut Child, timeout: Duration) -> Result<std::process::Ex
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Where tests have meshd serve metrics, on each namespace's loopback.
+pub const METRICS_LISTEN: &str = "127.0.0.1:9586";
+
+impl Testbed {
+    /// `GET path` from `METRICS_LISTEN` inside host `i`'s namespace: the
+    /// status line and the body.
+    pub fn http_get(&self, i: usize, path: &str) -> Result<(String, String)> {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {METRICS_LISTEN}\r\nConnection: close\r\n\r\n");
+        let reply = in_netns(&self.hosts[i].ns, move || {
+            use std::io::Read;
+            let mut stream = std::net::TcpStream::connect(METRICS_LISTEN)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            Ok(reply)
+        })?;
+        let (head, body) = reply.split_once("\r\n\r\n").context("not an HTTP reply")?;
+        Ok((
+            head.lines().next().unwrap_or("").to_owned(),
+            body.to_owned(),
+        ))
+    }
+}
+
+/// `promtool check metrics` on an exposition (Debian's prometheus package).
+pub fn promtool_check(text: &str) -> Result<Output> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool missing: scripts/test.sh installs the prometheus package")?;
+    child
+        .stdin
+        .take()
+        .context("promtool's stdin")?
+        .write_all(text.as_bytes())?;
+    Ok(child.wait_with_output()?)
+}
