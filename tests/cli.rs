@@ -180,6 +180,37 @@ fn a_broken_config_exits_2_naming_file_line_and_key_and_touches_no_device() {
 }
 
 #[test]
+fn a_bad_policy_exits_2_naming_file_line_and_key_and_touches_no_device() {
+    let ns = Netns::new("policy");
+    let cases = [
+        (
+            "default = \"dney\"\n",
+            7,
+            "policy.default",
+            "unknown action",
+        ),
+        (
+            "[[policy.rule]]\nname = \"a\"\nfrom = { stack = \"x\" }\nto = { stack = \"y\" }\nports = [\"65536/tcp\"]\naction = \"allow\"\n",
+            11,
+            "policy.rule.a.ports",
+            "out of range",
+        ),
+        ("defualt = \"deny\"\n", 7, "defualt", "unknown field"),
+    ];
+    for (policy, line, key, message) in cases {
+        let dir = config_dir(&format!("{VALID}\n[policy]\n{policy}"), 0o600);
+        let out = meshd_in(&ns, &dir, &[]);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("h1.toml:{line}: {key}:")) && err.contains(message),
+            "{err}"
+        );
+        assert!(!ns.links().contains("mesh0"));
+    }
+}
+
+#[test]
 fn a_key_file_readable_by_others_is_refused_before_anything_starts() {
     let ns = Netns::new("key");
     let dir = config_dir(VALID, 0o644);
@@ -265,6 +296,7 @@ fn every_command_has_an_example_and_every_listing_has_json() {
         "reload",
         "attach",
         "detach",
+        "drops",
     ] {
         let help = stdout(&meshctl(&[listing, "--help"]));
         assert!(help.contains("--json"), "meshctl {listing} has no --json");

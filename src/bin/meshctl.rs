@@ -157,13 +157,20 @@ enum Command {
         command: Option<String>,
     },
     /// Explain the network policy.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  meshctl policy test web1.web db1.db 5432/tcp"
+    )]
     Policy(PolicyCommand),
     /// Show recent packets the policy dropped, with direction, tier and rule.
+    #[command(
+        after_help = "Examples:\n  meshctl drops\n  meshctl drops --follow\n  meshctl drops --json"
+    )]
     Drops {
         /// Keep printing new drops as they happen (until interrupted).
         #[arg(long)]
         follow: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -185,6 +192,7 @@ enum PolicyCommand {
         dst: String,
         /// PORT/PROTO (5432/tcp, 53/udp) or icmp.
         port: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
