@@ -663,9 +663,7 @@ fn crypto_floor_seconds_per_gb() -> f64 {
         if key
             .seal_in_place_append_tag(nonce(i), Aad::empty(), &mut buf)
             .is_err()
-            || key
-                .open_in_place(nonce(i), Aad::empty(), &mut buf)
-                .is_err()
+            || key.open_in_place(nonce(i), Aad::empty(), &mut buf).is_err()
         {
             return f64::NAN;
         }
