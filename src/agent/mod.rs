@@ -119,7 +119,7 @@ pub async fn run(
             let prefix = config.overlay.prefix_len();
             netops::ensure_bridge(&config.bridge, Mac::of_bridge(&key), address, prefix, mtu)
                 .await?;
-            let tap = device::create_tap(&config.device, mtu)?;
+            let tap = device::create_tap(&config.device, mtu, config.offload)?;
             netops::enslave(&config.device, &config.bridge).await?;
             let mut node = Node::new(&identity, LinkMode::Tap, Instant::now());
             let containers = Containers::restore(&config, mtu, records, &mut node).await?;
@@ -144,7 +144,7 @@ pub async fn run(
     );
     control.serve(control_tx);
     node.apply_membership(&membership.borrow_and_update());
-    let device = DeviceIo::new(tun);
+    let device = DeviceIo::new(tun, config.mode == Mode::Tap);
     let (udp_gso, udp_gro) = udp.offloads();
     tracing::info!(
         name = %config.name,

@@ -11,9 +11,10 @@ use tokio::net::UdpSocket;
 /// Socket buffers big enough to absorb bursts while the one agent task is
 /// busy (the kernel caps them at net.core.[rw]mem_max). Under a saturating
 /// transfer the receive buffer fills, so its size is also the queueing
-/// delay it adds (4 MiB at 1 Gbit/s: 33 ms); see the README's Performance
-/// section for the sizes measured.
-const SOCKET_BUFFER: usize = 4 << 20;
+/// delay it adds (4 MiB at 1 Gbit/s: 33 ms). Measured with the netns
+/// bench (README, Performance): 256 KiB cost a third of the throughput,
+/// 4 MiB nearly doubled the RTT under load; 1 MiB keeps both.
+const SOCKET_BUFFER: usize = 1 << 20;
 /// Overrides `SOCKET_BUFFER`, in bytes: for measuring the trade-off, not a
 /// documented setting.
 const SOCKET_BUFFER_ENV: &str = "MESHNET_SOCKET_BUFFER";
