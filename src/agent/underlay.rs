@@ -84,14 +84,14 @@ impl Underlay {
                     None
                 }
             });
-        if let Some(state) = &batched {
-            if state.max_gso_segments() <= 1 || state.gro_segments() <= 1 {
-                tracing::warn!(
-                    gso_segments = state.max_gso_segments(),
-                    gro_segments = state.gro_segments(),
-                    "the kernel refused UDP GSO or GRO; sending or receiving without it"
-                );
-            }
+        if let Some(state) = &batched
+            && (state.max_gso_segments() <= 1 || state.gro_segments() <= 1)
+        {
+            tracing::warn!(
+                gso_segments = state.max_gso_segments(),
+                gro_segments = state.gro_segments(),
+                "the kernel refused UDP GSO or GRO; sending or receiving without it"
+            );
         }
         let (count, size) = if batched.is_some() {
             (RECV_BATCH, GRO_BUFFER)
