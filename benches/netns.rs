@@ -1,11 +1,16 @@
 //! End-to-end cost of the tunnel: `cargo bench --bench netns`.
 //!
 //! Two hosts in network namespaces over veth; in turn (A B A B ...) plain
-//! veth, meshd, wireguard-go, and boringtun-cli when installed
-//! (`cargo install boringtun-cli`). For each: iperf3 TCP with 1 and 4
-//! streams, UDP at full blast (received rate and loss), ping RTT p50/p99
-//! idle and under TCP load, CPU seconds per GB of the tunnel processes, and
-//! their peak RSS. Every tunnel run is checked against the implementation's
+//! veth, meshd (TUN, offloads on), meshd with `offload = false` (the
+//! one-syscall-per-packet path), meshd in TAP mode (the containers' path),
+//! wireguard-go, and gotatun and boringtun-cli when installed (`cargo
+//! install gotatun-cli --version 0.10.2`, `cargo install boringtun-cli`;
+//! scripts/bench.sh does). For each: iperf3 TCP with 1 and 4 streams, UDP
+//! at full blast (received rate and loss), ping RTT p50/p99 idle and under
+//! TCP load, CPU seconds per GB of the tunnel processes (both ends), and
+//! their peak RSS. The same run measures the cryptographic floor: ring's
+//! ChaCha20-Poly1305 sealing and opening 1420-byte packets on one core,
+//! in seconds per GB, which the CPU figures are compared against. Every tunnel run is checked against the implementation's
 //! own transfer counters, so traffic that bypassed the tunnel is an error,
 //! not a fast result. Prints a table with ratios, writes
 //! target/netns-bench.json and target/netns-bench.svg.
@@ -20,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use meshnet::config::Mode;
 use meshnet::core::PeerState;
 use meshnet_testbed::measure::{self, IperfResult};
 use meshnet_testbed::{
@@ -33,7 +39,10 @@ use serde::Serialize;
 enum Tunnel {
     Veth,
     Meshd,
+    MeshdNoOffload,
+    MeshdTap,
     WireguardGo,
+    Gotatun,
     BoringtunCli,
 }
 
@@ -42,9 +51,27 @@ impl Tunnel {
         match self {
             Tunnel::Veth => "veth",
             Tunnel::Meshd => "meshd",
+            Tunnel::MeshdNoOffload => "meshd-nooffl",
+            Tunnel::MeshdTap => "meshd-tap",
             Tunnel::WireguardGo => "wireguard-go",
+            Tunnel::Gotatun => "gotatun",
             Tunnel::BoringtunCli => "boringtun-cli",
         }
+    }
+
+    fn is_meshd(self) -> bool {
+        matches!(
+            self,
+            Tunnel::Meshd | Tunnel::MeshdNoOffload | Tunnel::MeshdTap
+        )
+    }
+
+    /// The user-space peers meshd is measured against.
+    fn is_peer(self) -> bool {
+        matches!(
+            self,
+            Tunnel::WireguardGo | Tunnel::Gotatun | Tunnel::BoringtunCli
+        )
     }
 }
 
@@ -84,10 +111,25 @@ fn main() -> Result<()> {
         meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
     };
     let (rounds, seconds, tunnels) = if bench {
-        let mut tunnels = vec![Tunnel::Veth, Tunnel::Meshd, Tunnel::WireguardGo];
-        match boringtun_cli() {
+        let mut tunnels = vec![
+            Tunnel::Veth,
+            Tunnel::Meshd,
+            Tunnel::MeshdNoOffload,
+            Tunnel::MeshdTap,
+            Tunnel::WireguardGo,
+        ];
+        match cargo_binary("gotatun") {
+            Some(_) => tunnels.push(Tunnel::Gotatun),
+            None => eprintln!(
+                "gotatun not found (cargo install gotatun-cli --version 0.10.2): left out"
+            ),
+        }
+        match cargo_binary("boringtun-cli") {
             Some(_) => tunnels.push(Tunnel::BoringtunCli),
             None => eprintln!("boringtun-cli not found (cargo install boringtun-cli): left out"),
+        }
+        if let Ok(only) = std::env::var("MESHNET_BENCH_ONLY") {
+            tunnels.retain(|t| only.split(',').any(|o| o == t.label()));
         }
         (
             env_number("MESHNET_BENCH_ROUNDS", 2),
@@ -99,6 +141,8 @@ fn main() -> Result<()> {
         (1, 1, vec![Tunnel::Meshd])
     };
     let ticks = measure::clock_ticks_per_second()?;
+    let floor = crypto_floor_seconds_per_gb();
+    eprintln!("seal+open floor: {floor:.2} s/GB (ring ChaCha20-Poly1305, 1420 B, one core)");
     let mut runs = Vec::new();
     for round in 1..=rounds {
         for &tunnel in &tunnels {
@@ -125,10 +169,16 @@ fn main() -> Result<()> {
         .iter()
         .map(|&t| (t, median_sample(&runs, t)))
         .collect();
-    print_table(&medians, rounds, seconds);
+    print_table(&medians, rounds, seconds, floor);
     if bench {
         let target = target_dir();
-        write_json(&target.join("netns-bench.json"), &runs, &medians, seconds)?;
+        write_json(
+            &target.join("netns-bench.json"),
+            &runs,
+            &medians,
+            seconds,
+            floor,
+        )?;
         draw_chart(&target.join("netns-bench.svg"), &medians)?;
         eprintln!(
             "wrote {} and {}",
@@ -143,9 +193,16 @@ fn set_up(tunnel: Tunnel, bins: &Binaries) -> Result<Setup> {
     let options = MeshOptions {
         hosts: 2,
         keepalive: None,
-        ..MeshOptions::default()
+        mode: if tunnel == Tunnel::MeshdTap {
+            Mode::Tap
+        } else {
+            Mode::Tun
+        },
     };
     let bed = Testbed::new("bench", &options, bins.clone())?;
+    if tunnel == Tunnel::MeshdNoOffload {
+        bed.set_config_key("offload = false")?;
+    }
     let mut setup = Setup {
         target: bed.hosts[1].underlay,
         bed,
@@ -154,7 +211,7 @@ fn set_up(tunnel: Tunnel, bins: &Binaries) -> Result<Setup> {
     };
     match tunnel {
         Tunnel::Veth => {}
-        Tunnel::Meshd => {
+        Tunnel::Meshd | Tunnel::MeshdNoOffload | Tunnel::MeshdTap => {
             setup.bed.start_all()?;
             let up = wait_until(Duration::from_secs(10), || {
                 setup
@@ -166,17 +223,21 @@ fn set_up(tunnel: Tunnel, bins: &Binaries) -> Result<Setup> {
             setup.target = setup.bed.hosts[1].overlay;
             setup.pids = (0..2).filter_map(|i| setup.bed.agent_pid(i)).collect();
         }
-        Tunnel::WireguardGo | Tunnel::BoringtunCli => {
+        Tunnel::WireguardGo | Tunnel::Gotatun | Tunnel::BoringtunCli => {
             let program: Vec<String> = match tunnel {
                 Tunnel::WireguardGo => vec!["wireguard-go".into(), "-f".into()],
-                _ => vec![
-                    boringtun_cli()
-                        .context("boringtun-cli")?
-                        .display()
-                        .to_string(),
-                    "-f".into(),
-                    "--disable-drop-privileges".into(),
-                ],
+                _ => {
+                    let name = if tunnel == Tunnel::Gotatun {
+                        "gotatun"
+                    } else {
+                        "boringtun-cli"
+                    };
+                    vec![
+                        cargo_binary(name).context(name)?.display().to_string(),
+                        "-f".into(),
+                        "--disable-drop-privileges".into(),
+                    ]
+                }
             };
             for i in 0..2 {
                 let wg = userspace_wg(&setup.bed, i, &program)?;
@@ -249,8 +310,10 @@ fn measure_one(tunnel: Tunnel, s: &Setup, seconds: u64, ticks: f64) -> Result<Sa
 fn tunnel_tx_bytes(tunnel: Tunnel, s: &Setup) -> Result<Option<u64>> {
     match tunnel {
         Tunnel::Veth => Ok(None),
-        Tunnel::Meshd => Ok(s.bed.peers(0)?.first().map(|p| p.tx_bytes)),
-        Tunnel::WireguardGo | Tunnel::BoringtunCli => {
+        Tunnel::Meshd | Tunnel::MeshdNoOffload | Tunnel::MeshdTap => {
+            Ok(s.bed.peers(0)?.first().map(|p| p.tx_bytes))
+        }
+        Tunnel::WireguardGo | Tunnel::Gotatun | Tunnel::BoringtunCli => {
             let wg = &s.wgs[0];
             let out = wg.wg(&s.bed.hosts[0].ns, &["show", &wg.name, "dump"])?;
             let text = String::from_utf8_lossy(&out.stdout);
@@ -372,7 +435,7 @@ fn median_sample(runs: &[Run], tunnel: Tunnel) -> Sample {
     }
 }
 
-fn print_table(medians: &[(Tunnel, Sample)], rounds: usize, seconds: u64) {
+fn print_table(medians: &[(Tunnel, Sample)], rounds: usize, seconds: u64, floor: f64) {
     println!(
         "\nMedians of {rounds} round(s), {seconds} s per iperf3 run, 2 namespaces over veth:\n"
     );
@@ -405,10 +468,28 @@ fn print_table(medians: &[(Tunnel, Sample)], rounds: usize, seconds: u64) {
             or_dash(s.peak_rss_mib)
         );
     }
-    println!("(rtt columns: p50/p99)");
+    println!("(rtt columns: p50/p99; cpu: both ends' tunnel processes per GB carried)");
+    println!("seal+open floor: {floor:.2} s/GB (ring ChaCha20-Poly1305, 1420 B, one core)");
+    for (t, s) in medians.iter().filter(|(t, _)| t.is_meshd()) {
+        if let Some(cpu) = s.cpu_seconds_per_gb {
+            println!("{:<13} cpu / floor {:.2}x", t.label(), cpu / floor);
+        }
+    }
     let Some((_, meshd)) = medians.iter().find(|(t, _)| *t == Tunnel::Meshd) else {
         return;
     };
+    let best_peer = medians
+        .iter()
+        .filter(|(t, _)| t.is_peer())
+        .map(|(_, s)| s.tcp1_gbps)
+        .fold(f64::NAN, f64::max);
+    if let Some((_, veth)) = medians.iter().find(|(t, _)| *t == Tunnel::Veth) {
+        println!(
+            "meshd tcp: {:.3} x veth, {:.2} x the best user-space peer",
+            meshd.tcp1_gbps / veth.tcp1_gbps,
+            meshd.tcp1_gbps / best_peer
+        );
+    }
     for (t, other) in medians.iter().filter(|(t, _)| *t != Tunnel::Meshd) {
         println!(
             "meshd / {:<13} tcp {:.2}x  tcp x4 {:.2}x  udp {:.2}x  rtt p50 {:.2}x",
@@ -421,7 +502,13 @@ fn print_table(medians: &[(Tunnel, Sample)], rounds: usize, seconds: u64) {
     }
 }
 
-fn write_json(path: &Path, runs: &[Run], medians: &[(Tunnel, Sample)], seconds: u64) -> Result<()> {
+fn write_json(
+    path: &Path,
+    runs: &[Run],
+    medians: &[(Tunnel, Sample)],
+    seconds: u64,
+    floor: f64,
+) -> Result<()> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism()
         .map(usize::from)
@@ -433,6 +520,7 @@ fn write_json(path: &Path, runs: &[Run], medians: &[(Tunnel, Sample)], seconds: 
     let doc = serde_json::json!({
         "machine": { "cpus": cpus, "kernel": kernel.trim() },
         "seconds_per_run": seconds,
+        "seal_open_floor_seconds_per_gb": floor,
         "runs": runs,
         "medians": medians,
     });
@@ -535,9 +623,10 @@ where
     Ok(())
 }
 
-fn boringtun_cli() -> Option<PathBuf> {
+/// A peer installed with `cargo install`: on PATH or in cargo's bin.
+fn cargo_binary(name: &str) -> Option<PathBuf> {
     let from_path = Command::new("sh")
-        .args(["-c", "command -v boringtun-cli"])
+        .args(["-c", &format!("command -v {name}")])
         .output()
         .ok()?;
     let path = String::from_utf8_lossy(&from_path.stdout).trim().to_owned();
@@ -547,7 +636,41 @@ fn boringtun_cli() -> Option<PathBuf> {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
-    Some(home.join("bin/boringtun-cli")).filter(|p| p.is_file())
+    Some(home.join("bin").join(name)).filter(|p| p.is_file())
+}
+
+/// Seconds of one core to seal and open a GB of 1420-byte packets with
+/// ring's ChaCha20-Poly1305: the least CPU any WireGuard pair (one end
+/// seals, the other opens) can spend per GB. Measured in this run, on this
+/// machine, so the ratio to the tunnels' CPU is fair.
+fn crypto_floor_seconds_per_gb() -> f64 {
+    use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+    const PACKET: usize = 1420;
+    const PACKETS: u64 = 200_000;
+    let Ok(key) = UnboundKey::new(&CHACHA20_POLY1305, &[7; 32]) else {
+        return f64::NAN;
+    };
+    let key = LessSafeKey::new(key);
+    let mut buf = vec![0u8; PACKET + 16];
+    let start = Instant::now();
+    for i in 0..PACKETS {
+        let nonce = |i: u64| {
+            let mut n = [0u8; 12];
+            n[4..].copy_from_slice(&i.to_le_bytes());
+            Nonce::assume_unique_for_key(n)
+        };
+        buf.truncate(PACKET);
+        if key
+            .seal_in_place_append_tag(nonce(i), Aad::empty(), &mut buf)
+            .is_err()
+            || key.open_in_place(nonce(i), Aad::empty(), &mut buf).is_err()
+        {
+            return f64::NAN;
+        }
+        std::hint::black_box(&buf);
+    }
+    let bytes = (PACKETS * PACKET as u64) as f64;
+    start.elapsed().as_secs_f64() / (bytes / 1e9)
 }
 
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {

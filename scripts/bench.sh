@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmarks: per-packet cost of the core beside raw ChaCha20-Poly1305
-# (criterion), then meshd end to end beside veth, wireguard-go and, when
-# installed (`cargo install boringtun-cli`), boringtun-cli. Run as root on
+# (criterion), then meshd end to end (TUN with and without offloads, TAP)
+# beside veth, wireguard-go, gotatun and boringtun-cli (the last two are
+# installed here with cargo when missing). Run as root on
 # Debian; a few minutes. Results: target/criterion/, target/netns-bench.json
 # and target/netns-bench.svg; then what a handshake flood costs the agent.
 set -euo pipefail
@@ -11,6 +12,12 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go
+# The Rust user-space peers: Mullvad's GotaTun (recvmmsg + UDP GRO) and
+# boringtun's own CLI. Pinned so runs stay comparable.
+command -v gotatun >/dev/null || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/gotatun" ] ||
+    cargo install --locked gotatun-cli --version 0.10.2
+command -v boringtun-cli >/dev/null || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/boringtun-cli" ] ||
+    cargo install --locked boringtun-cli --version 0.7.1
 cargo bench --bench encap
 cargo bench --bench netns
 cargo bench --bench flood

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use meshnet::config::Mode;
 use meshnet::core::{PeerState, PeerStatus};
 use meshnet_testbed::{
     Binaries, MeshOptions, Testbed, pcap_packet_count, pcap_summary, wait_until,
@@ -395,20 +396,25 @@ fn a_deleted_device_stops_the_agent_with_a_clear_error() {
 }
 
 /// Bulk TCP over the tunnel with segmentation offload on (the default)
-/// and off: the bytes arrive intact, both ends' peer byte counters account
-/// for them, nothing is dropped, and the log says which path ran. Under
+/// and off, and in TAP mode (frames split behind their Ethernet header):
+/// the bytes arrive intact, both ends' peer byte counters account for
+/// them, nothing is dropped, and the log says which path ran. Under
 /// offload one device read carries a TCP super-packet that is split,
 /// sealed and sent as one GSO run; the receiver coalesces it again.
 #[test]
 fn bulk_tcp_arrives_intact_with_offload_on_and_off() {
     const LEN: usize = 16 << 20;
-    for offload in [true, false] {
+    for (mode, offload) in [(Mode::Tun, true), (Mode::Tun, false), (Mode::Tap, true)] {
         let options = MeshOptions {
             hosts: 2,
             keepalive: None,
-            ..MeshOptions::default()
+            mode,
         };
-        let tag = if offload { "offl" } else { "nooffl" };
+        let tag = match (mode, offload) {
+            (Mode::Tap, _) => "offltap",
+            (_, true) => "offl",
+            (_, false) => "nooffl",
+        };
         let mut bed = Testbed::new(tag, &options, bins()).expect("building the testbed");
         if !offload {
             bed.set_config_key("offload = false").unwrap();

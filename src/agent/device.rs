@@ -91,6 +91,21 @@ pub fn create_tun(
             .ipv4(address, prefix, None)
             .mtu(mtu)
     };
+    build_offloaded(builder, name, offload)
+}
+
+/// Creates the TAP device, up, without an address (the host's address
+/// lives on the bridge the device joins); offload as for `create_tun`.
+pub fn create_tap(name: &str, mtu: u16, offload: bool) -> Result<AsyncDevice, DeviceError> {
+    let builder = || DeviceBuilder::new().name(name).layer(Layer::L2).mtu(mtu);
+    build_offloaded(builder, name, offload)
+}
+
+fn build_offloaded(
+    builder: impl Fn() -> DeviceBuilder,
+    name: &str,
+    offload: bool,
+) -> Result<AsyncDevice, DeviceError> {
     if !offload {
         return build(builder(), name);
     }
@@ -103,18 +118,9 @@ pub fn create_tun(
     let device = build(builder(), name)?;
     tracing::warn!(
         error = %refused.source,
-        "the kernel refused TUN segmentation offload; running without it"
+        "the kernel refused device segmentation offload; running without it"
     );
     Ok(device)
-}
-
-/// Creates the TAP device, up, without an address (the host's address
-/// lives on the bridge the device joins).
-pub fn create_tap(name: &str, mtu: u16) -> Result<AsyncDevice, DeviceError> {
-    build(
-        DeviceBuilder::new().name(name).layer(Layer::L2).mtu(mtu),
-        name,
-    )
 }
 
 fn build(builder: DeviceBuilder, name: &str) -> Result<AsyncDevice, DeviceError> {

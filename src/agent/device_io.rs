@@ -5,13 +5,16 @@
 //! 64 KiB that tun-rs splits into MTU-sized packets, and a batch of packets
 //! for the device is coalesced (GRO) into as few writes as possible: one
 //! system call per super-packet instead of one per 1420 bytes. Without it,
-//! one packet per read and per write, as before. Must never: look into a
+//! one packet per read and per write, as before. A TAP device (frames)
+//! splits the same way behind the Ethernet header, which is copied onto
+//! every segment; its writes are not coalesced (tun-rs's GRO reads IP
+//! packets only), each frame going out behind an empty virtio header. Must never: look into a
 //! packet beyond what the splitting and coalescing need (decisions are the
 //! core's), reorder packets, or hold more than one batch of buffers.
 
 use std::io;
 
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
 
 /// Largest packet or frame read without offload (and the largest
 /// unsegmented packet with it).
@@ -19,10 +22,21 @@ const READ_BUFFER: usize = 65536;
 /// A split segment never exceeds the device MTU; this covers any MTU an
 /// Ethernet underlay allows with room to spare.
 const SEGMENT_BUFFER: usize = 9216;
+/// Destination and source MAC, EtherType.
+const ETHERNET_HEADER: usize = 14;
+/// virtio-net header fields (include/uapi/linux/virtio_net.h).
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_UDP_L4: u8 = 5;
+const GSO_ECN: u8 = 0x80;
+const F_NEEDS_CSUM: u8 = 1;
 
 pub struct DeviceIo {
     device: AsyncDevice,
     offload: bool,
+    /// TAP: reads and writes are Ethernet frames.
+    frames: bool,
     /// Offload: the raw read, virtio header and super-packet.
     raw: Vec<u8>,
     /// The packets of the last read (split segments with offload).
@@ -35,7 +49,7 @@ pub struct DeviceIo {
 }
 
 impl DeviceIo {
-    pub fn new(device: AsyncDevice) -> Self {
+    pub fn new(device: AsyncDevice, frames: bool) -> Self {
         let offload = device.tcp_gso();
         let (count, first) = if offload {
             (IDEAL_BATCH_SIZE, READ_BUFFER)
@@ -47,6 +61,7 @@ impl DeviceIo {
         Self {
             device,
             offload,
+            frames,
             raw: if offload {
                 vec![0u8; VIRTIO_NET_HDR_LEN + READ_BUFFER]
             } else {
@@ -72,6 +87,10 @@ impl DeviceIo {
             self.sizes[0] = n;
             return Ok(1);
         }
+        if self.frames {
+            let n = self.device.recv(&mut self.raw).await?;
+            return self.split_frame(n);
+        }
         self.device
             .recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0)
             .await
@@ -84,8 +103,67 @@ impl DeviceIo {
             self.sizes[0] = n;
             return Ok(1);
         }
+        if self.frames {
+            let n = self.device.try_recv(&mut self.raw)?;
+            return self.split_frame(n);
+        }
         self.device
             .try_recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0)
+    }
+
+    /// Splits the frame of `len` bytes in `raw` (virtio header first) into
+    /// `packets`, as tun-rs does for IP packets, keeping the Ethernet
+    /// header on each.
+    fn split_frame(&mut self, len: usize) -> io::Result<usize> {
+        let raw = self
+            .raw
+            .get_mut(..len)
+            .ok_or_else(|| invalid("read past the buffer"))?;
+        if len <= VIRTIO_NET_HDR_LEN + ETHERNET_HEADER {
+            return Err(invalid("frame shorter than its headers"));
+        }
+        let (header, frame) = raw.split_at_mut(VIRTIO_NET_HDR_LEN);
+        let mut hdr = VirtioNetHdr::decode(header)?;
+        if hdr.gso_type == GSO_NONE {
+            if hdr.flags & F_NEEDS_CSUM != 0 {
+                complete_checksum(frame, hdr.csum_start, hdr.csum_offset)?;
+            }
+            let first = &mut self.packets[0];
+            first
+                .get_mut(..frame.len())
+                .ok_or_else(|| invalid("frame too long"))?
+                .copy_from_slice(frame);
+            self.sizes[0] = frame.len();
+            return Ok(1);
+        }
+        let (ethernet, ip) = frame.split_at_mut(ETHERNET_HEADER);
+        let is_v6 = match hdr.gso_type & !GSO_ECN {
+            GSO_TCPV4 => false,
+            GSO_TCPV6 => true,
+            GSO_UDP_L4 => ip.first().is_some_and(|b| b >> 4 == 6),
+            _ => return Err(invalid("unknown GSO type")),
+        };
+        // The offsets count from the frame's start; the split wants them
+        // from the IP header's.
+        let behind = |v: u16| {
+            v.checked_sub(ETHERNET_HEADER as u16)
+                .ok_or_else(|| invalid("offsets inside the Ethernet header"))
+        };
+        hdr.csum_start = behind(hdr.csum_start)?;
+        hdr.hdr_len = behind(hdr.hdr_len)?;
+        let n = tun_rs::gso_split(
+            ip,
+            hdr,
+            &mut self.packets,
+            &mut self.sizes,
+            ETHERNET_HEADER,
+            is_v6,
+        )?;
+        for (packet, size) in self.packets.iter_mut().zip(&mut self.sizes).take(n) {
+            packet[..ETHERNET_HEADER].copy_from_slice(ethernet);
+            *size += ETHERNET_HEADER;
+        }
+        Ok(n)
     }
 
     /// Packet `i` of the last read.
@@ -110,6 +188,16 @@ impl DeviceIo {
         let mut packets = packets.peekable();
         while packets.peek().is_some() {
             let n = self.stage(&mut packets);
+            if self.frames {
+                // An all-zero virtio header: not segmented, checksums done.
+                for frame in &self.pending[..n] {
+                    if let Err(e) = self.device.send(frame).await {
+                        tracing::debug!(error = %e, "device write failed");
+                        failed += 1;
+                    }
+                }
+                continue;
+            }
             let sent = self
                 .device
                 .send_multiple(&mut self.gro, &mut self.pending[..n], VIRTIO_NET_HDR_LEN)
@@ -139,5 +227,49 @@ impl DeviceIo {
             n += 1;
         }
         n
+    }
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
+/// Fills in a checksum the kernel left partial (CHECKSUM_PARTIAL): the
+/// field at `start + offset` holds the pseudo-header sum; the sum runs
+/// from `start` to the end. Out-of-range offsets are an error, not a panic.
+fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> io::Result<()> {
+    let (start, at) = (usize::from(start), usize::from(start) + usize::from(offset));
+    if at + 2 > frame.len() || start > at {
+        return Err(invalid("checksum offsets outside the frame"));
+    }
+    let initial = u16::from_be_bytes([frame[at], frame[at + 1]]);
+    frame[at..at + 2].fill(0);
+    let sum = tun_rs::checksum(&frame[start..], u64::from(initial));
+    frame[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// RFC 1071's example: a checksum over the words, the partial sum
+    /// seeded where the field is.
+    #[test]
+    fn partial_checksums_are_completed_and_bad_offsets_refused() {
+        // A UDP-like segment: 4 bytes of data, then the checksum field at
+        // offset 4 holding a pseudo-header sum of 0x0102.
+        let mut frame = vec![0x00, 0x01, 0xf2, 0x03, 0x01, 0x02, 0xf4, 0xf5];
+        complete_checksum(&mut frame, 0, 4).unwrap();
+        // Verifying: the sum of everything including the pseudo-header
+        // sum and the checksum folds to 0xffff.
+        let mut check = frame.clone();
+        let stored = u16::from_be_bytes([check[4], check[5]]);
+        check[4..6].fill(0);
+        let total = tun_rs::checksum(&check, u64::from(0x0102u16) + u64::from(stored));
+        assert_eq!(total, 0xffff);
+        assert!(complete_checksum(&mut frame, 0, 7).is_err());
+        assert!(complete_checksum(&mut frame, 9, 0).is_err());
     }
 }

@@ -9,8 +9,15 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 
 /// Socket buffers big enough to absorb bursts while the one agent task is
-/// busy (the kernel caps them at net.core.[rw]mem_max).
-const SOCKET_BUFFER: usize = 4 << 20;
+/// busy (the kernel caps them at net.core.[rw]mem_max). Under a saturating
+/// transfer the receive buffer fills, so its size is also the queueing
+/// delay it adds (4 MiB at 1 Gbit/s: 33 ms). Measured with the netns
+/// bench (README, Performance): 256 KiB cost a third of the throughput,
+/// 4 MiB nearly doubled the RTT under load; 1 MiB keeps both.
+const SOCKET_BUFFER: usize = 1 << 20;
+/// Overrides `SOCKET_BUFFER`, in bytes: for measuring the trade-off, not a
+/// documented setting.
+const SOCKET_BUFFER_ENV: &str = "MESHNET_SOCKET_BUFFER";
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on UDP {addr}: {source}{hint}")]
@@ -37,8 +44,12 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, UnderlayError> {
         socket.set_only_v6(false).map_err(fail)?;
     }
     // Buffer sizes are best effort: a smaller kernel limit is not an error.
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    let size = std::env::var(SOCKET_BUFFER_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SOCKET_BUFFER);
+    let _ = socket.set_recv_buffer_size(size);
+    let _ = socket.set_send_buffer_size(size);
     socket.set_nonblocking(true).map_err(fail)?;
     socket.bind(&addr.into()).map_err(fail)?;
     UdpSocket::from_std(socket.into()).map_err(fail)
@@ -73,14 +84,14 @@ impl Underlay {
                     None
                 }
             });
-        if let Some(state) = &batched {
-            if state.max_gso_segments() <= 1 || state.gro_segments() <= 1 {
-                tracing::warn!(
-                    gso_segments = state.max_gso_segments(),
-                    gro_segments = state.gro_segments(),
-                    "the kernel refused UDP GSO or GRO; sending or receiving without it"
-                );
-            }
+        if let Some(state) = &batched
+            && (state.max_gso_segments() <= 1 || state.gro_segments() <= 1)
+        {
+            tracing::warn!(
+                gso_segments = state.max_gso_segments(),
+                gro_segments = state.gro_segments(),
+                "the kernel refused UDP GSO or GRO; sending or receiving without it"
+            );
         }
         let (count, size) = if batched.is_some() {
             (RECV_BATCH, GRO_BUFFER)
@@ -120,11 +131,20 @@ impl Underlay {
         self.socket.readable().await
     }
 
-    /// Reads what is ready without waiting, at most `reads` system calls,
-    /// handing every datagram to `handle` in arrival order.
-    pub fn drain(&mut self, reads: usize, mut handle: impl FnMut(SocketAddr, &[u8])) {
+    /// Reads what is ready without waiting, at most `reads` system calls
+    /// and about `bytes` bytes, handing every datagram to `handle` in
+    /// arrival order.
+    pub fn drain(&mut self, reads: usize, bytes: usize, mut handle: impl FnMut(SocketAddr, &[u8])) {
+        let taken = std::cell::Cell::new(0);
+        let mut counted = |from: SocketAddr, datagram: &[u8]| {
+            taken.set(taken.get() + datagram.len());
+            handle(from, datagram);
+        };
         for _ in 0..reads {
-            match self.try_recv(&mut handle) {
+            if taken.get() >= bytes {
+                return;
+            }
+            match self.try_recv(&mut counted) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 // Transient (an ICMP error surfacing on the socket).

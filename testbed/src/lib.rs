@@ -244,6 +244,22 @@ impl Testbed {
         self.dir.path()
     }
 
+    /// Makes host `i`'s underlay link cut UDP GSO batches into their
+    /// datagrams before they leave it, as a real NIC does on the wire. A
+    /// veth otherwise carries a GSO batch whole to the receiver, and a
+    /// capture on the way sees one oversized datagram instead of several.
+    pub fn segment_on_the_wire(&self, i: usize) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.hosts[i].ns,
+            "link",
+            "set",
+            "ul0",
+            "gso_max_segs",
+            "1",
+        ])
+    }
+
     /// Adds a top-level key (`offload = false`) to every host's config;
     /// takes effect for agents started afterwards.
     pub fn set_config_key(&self, line: &str) -> Result<()> {
