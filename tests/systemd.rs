@@ -35,7 +35,10 @@ fn unit_value(key: &str) -> String {
 fn unit_verifies_clean() {
     // verify checks that ExecStart's program exists: point it at the
     // binary this test run built, and only there.
-    assert!(UNIT.contains(INSTALLED_MESHD), "the unit runs {INSTALLED_MESHD}");
+    assert!(
+        UNIT.contains(INSTALLED_MESHD),
+        "the unit runs {INSTALLED_MESHD}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let unit = dir.path().join("meshd.service");
     std::fs::write(&unit, UNIT.replace(INSTALLED_MESHD, MESHD)).unwrap();
@@ -49,8 +52,14 @@ fn unit_verifies_clean() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{said}");
-    assert!(said.trim().is_empty(), "systemd-analyze verify warns:\n{said}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{said}"
+    );
+    assert!(
+        said.trim().is_empty(),
+        "systemd-analyze verify warns:\n{said}"
+    );
 }
 
 #[test]
