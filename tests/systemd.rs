@@ -25,7 +25,7 @@ const INSTALLED_MESHD: &str = "/usr/local/bin/meshd";
 fn unit_value(key: &str) -> String {
     UNIT.lines()
         .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("the unit sets no {key}"))
         .trim()
         .to_owned()
