@@ -2,12 +2,12 @@
 //! Containerfile's runtime stage from binaries compiled here (no registry),
 //! meshd in the container with a test namespace as its host network,
 //! NET_ADMIN, NET_BIND_SERVICE and /dev/net/tun only, in TAP mode, peered
-//! with a bare meshd on a second host; then the committed Pod manifest
-//! under `podman kube play` on the same host.
+//! with a bare meshd on a second host; and the committed Pod manifest under
+//! `podman kube play`.
 //!
-//! One test function, so the image is built once per run. Everything it
-//! creates (containers, pod, image, namespaces) is removed on drop, also on
-//! failure. Needs root, podman, runc and catatonit (kube play's pause
+//! The image is built once per run and shared by the tests (`SharedImage`).
+//! Everything a test creates (containers, pod, image, namespaces) is
+//! removed on drop, also on failure. Needs root, podman, runc and catatonit (kube play's pause
 //! image); fails, never skips, without them.
 
 // In tests a panic is the failure report.
@@ -17,6 +17,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use meshnet::config::Mode;
@@ -37,6 +38,7 @@ const AGENT_START: Duration = Duration::from_secs(20);
 /// here to raise them), for `run` and `kube play` alike.
 struct Podman {
     conf: PathBuf,
+    /// The shared image (see `SharedImage`), once acquired.
     image: String,
     containers: Vec<String>,
     /// Pods started with `kube play`, with the manifest that made them.
@@ -52,12 +54,14 @@ impl Podman {
              [engine]\nruntime = \"runc\"\n",
         )
         .unwrap();
-        Self {
+        let mut podman = Self {
             conf,
-            image: format!("localhost/{}:latest", unique_name("meshnet-img")),
+            image: String::new(),
             containers: Vec::new(),
             pods: Vec::new(),
-        }
+        };
+        podman.image = SharedImage::acquire(&podman);
+        podman
     }
 
     fn command(&self, netns: Option<&str>) -> Command {
@@ -98,15 +102,16 @@ impl Podman {
     /// Builds the runtime stage from this run's binaries: deploy/rootfs.sh
     /// makes the root file system, handed to the Containerfile as the
     /// `rootfs` build context in place of its builder stages.
-    fn build(&self, dir: &Path) {
-        let rootfs = dir.join("rootfs");
+    fn build(&self, image: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
         let made = Command::new(Path::new(REPO).join("deploy/rootfs.sh"))
             .arg(&rootfs)
             .args([MESHD, MESHCTL])
             .output()
             .unwrap();
         assert!(made.status.success(), "deploy/rootfs.sh: {made:?}");
-        let context = dir.join("empty-context");
+        let context = dir.path().join("empty-context");
         std::fs::create_dir_all(&context).unwrap();
         let containerfile = Path::new(REPO).join("Containerfile");
         self.ok(&[
@@ -117,7 +122,7 @@ impl Podman {
             "-f",
             containerfile.to_str().unwrap(),
             "-t",
-            &self.image,
+            image,
             context.to_str().unwrap(),
         ]);
     }
@@ -144,7 +149,7 @@ impl Podman {
             exited = String::from_utf8_lossy(&state.stdout).trim() == "exited";
             exited
         });
-        let logs = self.run(&["logs", container]);
+        let logs = self.run(&["logs", "--tail", "20", container]);
         assert!(
             up && !exited,
             "meshd in {container} did not answer within {AGENT_START:?} (exited: {exited}):\n{}",
@@ -186,7 +191,49 @@ impl Drop for Podman {
         for container in &self.containers {
             let _ = self.run(&["rm", "-f", "-t", "2", container]);
         }
-        let _ = self.run(&["rmi", "-f", &self.image]);
+        SharedImage::release(self);
+    }
+}
+
+/// One image build per test run: the first test to ask builds it, the last
+/// one to finish removes it.
+struct SharedImage {
+    name: Option<String>,
+    users: usize,
+}
+
+static SHARED_IMAGE: Mutex<SharedImage> = Mutex::new(SharedImage {
+    name: None,
+    users: 0,
+});
+
+impl SharedImage {
+    fn acquire(podman: &Podman) -> String {
+        let mut shared = SHARED_IMAGE.lock().unwrap_or_else(PoisonError::into_inner);
+        let name = match &shared.name {
+            Some(name) => name.clone(),
+            None => {
+                let name = format!("localhost/{}:latest", unique_name("meshnet-img"));
+                podman.build(&name);
+                shared.name = Some(name.clone());
+                name
+            }
+        };
+        shared.users += 1;
+        name
+    }
+
+    fn release(podman: &Podman) {
+        let mut shared = SHARED_IMAGE.lock().unwrap_or_else(PoisonError::into_inner);
+        if podman.image.is_empty() {
+            return;
+        }
+        shared.users = shared.users.saturating_sub(1);
+        if shared.users == 0
+            && let Some(name) = shared.name.take()
+        {
+            let _ = podman.run(&["rmi", "-f", &name]);
+        }
     }
 }
 
@@ -319,8 +366,7 @@ fn peer_up(peers: &[PeerStatus], name: &str) -> bool {
         .any(|p| p.name == name && p.state == PeerState::Up)
 }
 
-#[test]
-fn sidecar_image_serves_containers_and_kube_play_runs_it() {
+fn tap_testbed(tag: &str) -> Testbed {
     let options = MeshOptions {
         hosts: 2,
         keepalive: Some(1),
@@ -330,25 +376,41 @@ fn sidecar_image_serves_containers_and_kube_play_runs_it() {
         meshd: MESHD.into(),
         meshctl: MESHCTL.into(),
     };
-    let mut bed = Testbed::new("img", &options, bins).expect("building the testbed");
-    let mut podman = Podman::new(bed.dir());
-    podman.build(bed.dir());
+    Testbed::new(tag, &options, bins).expect("building the testbed")
+}
 
-    // Host 1 (index 0) runs the image; host 2 the bare binary.
+/// Waits until the agent in `container` reports the tunnel to `peer` up,
+/// through `meshctl peers` run inside the image.
+fn wait_peer_up(podman: &Podman, container: &str, peer: &str, bed: &Testbed) {
+    assert!(
+        wait_until(Duration::from_secs(15), || peer_up(
+            &podman.peers(container),
+            peer
+        )),
+        "meshctl peers in {container} never showed {peer} up: {:?}\n{peer}'s log:\n{}",
+        podman.peers(container),
+        bed.log(1)
+    );
+}
+
+/// The image as the sidecar on host 1 (`podman run`, TAP mode), a bare
+/// meshd on host 2: the tunnel comes up, `meshctl` inside the image sees
+/// it, and containers attached on both hosts reach each other.
+#[test]
+fn sidecar_image_serves_containers() {
+    let mut bed = tap_testbed("img");
+    let mut podman = Podman::new(bed.dir());
     let mounts = container_mounts(&bed, 0);
     let sidecar = run_sidecar(&mut podman, &bed, 0, &mounts);
     podman.wait_agent(&sidecar);
     bed.hosts[0].socket = mounts.run.join("mesh0.sock");
     bed.start(1).unwrap();
     let peer = bed.hosts[1].name.clone();
+    wait_peer_up(&podman, &sidecar, &peer, &bed);
+    // Host to host across the tunnel: the agent in the image carries it.
     assert!(
-        wait_until(Duration::from_secs(15), || peer_up(
-            &podman.peers(&sidecar),
-            &peer
-        )),
-        "meshctl peers inside the image never showed {peer} up: {:?}\n{}",
-        podman.peers(&sidecar),
-        bed.log(1)
+        ping(&bed.hosts[1].ns, bed.hosts[0].overlay),
+        "host 2 cannot reach host 1's overlay address"
     );
 
     // A container on each host, attached through each agent's socket (the
@@ -357,19 +419,20 @@ fn sidecar_image_serves_containers_and_kube_play_runs_it() {
     let c2 = bed.add_container_ns(1, "c2").unwrap();
     let a1 = bed
         .attach(0, &c1, "c1", &[])
-        .expect("attach through the image's agent");
+        .expect("attach through the agent in the image");
     let a2 = bed.attach(1, &c2, "c2", &[]).unwrap();
-    assert!(
-        ping(&c1, a2),
-        "{c1} ({a1}) cannot reach {a2} across the tunnel"
-    );
-    assert!(
-        ping(&c2, a1),
-        "{c2} ({a2}) cannot reach {a1} across the tunnel"
-    );
+    assert!(ping(&c1, a2), "{c1} ({a1}) cannot reach {a2}");
+    assert!(ping(&c2, a1), "{c2} ({a2}) cannot reach {a1}");
+}
 
-    // The same host's agent from the committed Pod manifest instead.
-    podman.ok(&["rm", "-f", "-t", "5", &sidecar]);
+/// The committed Pod manifest under `podman kube play` on host 1, with the
+/// host's config in its ConfigMap: the agent comes up, `meshctl status`
+/// answers inside the pod, the tunnel to host 2 comes up.
+#[test]
+fn kube_play_runs_the_pod_manifest() {
+    let mut bed = tap_testbed("kube");
+    let mut podman = Podman::new(bed.dir());
+    let mounts = container_mounts(&bed, 0);
     let pod = unique_name("meshnet-img-pod");
     let manifest = bed.dir().join("meshd-pod.yaml");
     std::fs::write(&manifest, pod_manifest(&podman.image, &pod, &mounts)).unwrap();
@@ -379,18 +442,10 @@ fn sidecar_image_serves_containers_and_kube_play_runs_it() {
     let status = podman.exec(&in_pod, &["meshctl", "status"]);
     let said = String::from_utf8_lossy(&status.stdout);
     assert!(
-        said.contains(&bed.hosts[0].name),
-        "meshctl status in the pod: {said}"
+        status.status.success() && said.contains(&bed.hosts[0].name),
+        "meshctl status in the pod: {status:?}"
     );
-    assert!(
-        wait_until(Duration::from_secs(15), || peer_up(
-            &podman.peers(&in_pod),
-            &peer
-        )),
-        "the pod's agent never brought the tunnel to {peer} up"
-    );
-    assert!(
-        ping(&c1, a2),
-        "{c1} lost {a2} after the agent moved into the pod"
-    );
+    bed.start(1).unwrap();
+    let peer = bed.hosts[1].name.clone();
+    wait_peer_up(&podman, &in_pod, &peer, &bed);
 }
