@@ -17,12 +17,13 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use meshnet::config::Mode;
 use meshnet::core::{PeerState, PeerStatus};
-use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, unique_name, wait_until};
+use meshnet::testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
 
 const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
@@ -213,7 +214,7 @@ impl SharedImage {
         let name = match &shared.name {
             Some(name) => name.clone(),
             None => {
-                let name = format!("localhost/{}:latest", unique_name("meshnet-img"));
+                let name = format!("localhost/{}:latest", podman_name("image"));
                 podman.build(&name);
                 shared.name = Some(name.clone());
                 name
@@ -235,6 +236,14 @@ impl SharedImage {
             let _ = podman.run(&["rmi", "-f", &name]);
         }
     }
+}
+
+/// A name for a podman object, unique on this machine (the testbed's
+/// `unique_name` is cut to fit an interface name, too short here).
+fn podman_name(what: &str) -> String {
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    let n = SERIAL.fetch_add(1, Ordering::Relaxed);
+    format!("meshnet-test-{what}-{}-{n}", std::process::id())
 }
 
 /// A host's config, key and state for an agent in a container: meshd's
@@ -278,7 +287,7 @@ fn container_mounts(bed: &Testbed, i: usize) -> Mounts {
 /// `podman run` of the image as the sidecar on host `i`: the host's
 /// network, the agent's only privileges, config read-only.
 fn run_sidecar(podman: &mut Podman, bed: &Testbed, i: usize, mounts: &Mounts) -> String {
-    let name = unique_name("meshnet-img-h");
+    let name = podman_name("sidecar");
     let netns = format!("ns:/run/netns/{}", bed.hosts[i].ns);
     let volume = |from: &Path, to: &str| format!("{}:{to}", from.display());
     podman.ok(&[
@@ -433,7 +442,7 @@ fn kube_play_runs_the_pod_manifest() {
     let mut bed = tap_testbed("kube");
     let mut podman = Podman::new(bed.dir());
     let mounts = container_mounts(&bed, 0);
-    let pod = unique_name("meshnet-img-pod");
+    let pod = podman_name("pod");
     let manifest = bed.dir().join("meshd-pod.yaml");
     std::fs::write(&manifest, pod_manifest(&podman.image, &pod, &mounts)).unwrap();
     podman.kube_play(&bed.hosts[0].ns, &pod, manifest);
