@@ -154,6 +154,15 @@ fn containers_on_different_hosts_reach_each_other_through_proxy_arp() {
     );
 }
 
+/// The MTU of host `i`'s bridge (the agent sets it to the inner MTU).
+fn bridge_mtu(bed: &Testbed, i: usize) -> String {
+    let out = bed
+        .exec(i, &["cat", "/sys/class/net/mesh-br0/mtu"])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 #[test]
 fn same_host_containers_talk_over_the_bridge_and_a_restart_keeps_every_address() {
     let mut bed = tap_mesh("restart");
@@ -166,6 +175,7 @@ fn same_host_containers_talk_over_the_bridge_and_a_restart_keeps_every_address()
     let a3 = bed.attach(0, &c3, "db", &[]).unwrap();
     let a2 = bed.attach(1, &c2, "api", &[]).unwrap();
     let before = bed.containers(0).unwrap();
+    let mtu = bridge_mtu(&bed, 0);
 
     // With h1's agent gone, local traffic still flows: it never used it.
     bed.stop(0).unwrap();
@@ -184,11 +194,15 @@ fn same_host_containers_talk_over_the_bridge_and_a_restart_keeps_every_address()
         ping(&bed, &c1, a2),
         "traffic did not resume after the restart"
     );
+    // The bridge outlives the agent; it is not an underlay link whose MTU
+    // the restarted agent must fit inside (that took 80 off every restart).
+    assert_eq!(bridge_mtu(&bed, 0), mtu, "the MTU shrank across a restart");
 
     // The same after a crash.
     bed.kill(0).unwrap();
     bed.start(0).unwrap();
     assert_eq!(bed.containers(0).unwrap(), before);
+    assert_eq!(bridge_mtu(&bed, 0), mtu, "the MTU shrank across a crash");
     assert!(wait_until(Duration::from_secs(15), || bed
         .peers(0)
         .is_ok_and(|p| p[0].state == PeerState::Up)));
