@@ -12,8 +12,9 @@ use tokio::net::UdpSocket;
 /// busy (the kernel caps them at net.core.[rw]mem_max). Under a saturating
 /// transfer the receive buffer fills, so its size is also the queueing
 /// delay it adds (4 MiB at 1 Gbit/s: 33 ms). Measured with the netns
-/// bench (README, Performance): 256 KiB cost a third of the throughput,
-/// 4 MiB nearly doubled the RTT under load; 1 MiB keeps both.
+/// bench (README, Performance): 256 KiB cost up to a third of the
+/// throughput; 4 MiB raised the RTT under load (p99 29-36 ms against 17-25
+/// at 1 MiB) without carrying more.
 const SOCKET_BUFFER: usize = 1 << 20;
 /// Overrides `SOCKET_BUFFER`, in bytes: for measuring the trade-off, not a
 /// documented setting.
