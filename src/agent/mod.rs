@@ -13,6 +13,7 @@ pub mod control_server;
 pub mod device;
 pub mod dns_server;
 pub mod limits;
+pub mod netlink;
 pub mod netops;
 pub mod records_sync;
 pub mod state;
@@ -99,6 +100,7 @@ pub async fn run(
         Mode::Tun => {
             let tun =
                 device::create_tun(&config.device, address, config.overlay.prefix_len(), mtu)?;
+            netops::bring_up_device(&config.device).await?;
             (
                 tun,
                 None,
@@ -112,6 +114,7 @@ pub async fn run(
             netops::ensure_bridge(&config.bridge, Mac::of_bridge(&key), address, prefix, mtu)
                 .await?;
             let tap = device::create_tap(&config.device, mtu)?;
+            netops::bring_up_device(&config.device).await?;
             netops::enslave(&config.device, &config.bridge).await?;
             let mut node = Node::new(&identity, LinkMode::Tap, Instant::now());
             let containers = Containers::restore(&config, mtu, records, &mut node).await?;
