@@ -111,9 +111,12 @@ pub async fn existing(handle: &Handle, name: &str) -> Result<u32, NetlinkError> 
         .ok_or_else(|| NetlinkError::new(format!("look up link {name}"), "no such link"))
 }
 
+/// Creates a bridge, down.
 pub async fn add_bridge(handle: &Handle, name: &str) -> Result<(), NetlinkError> {
     let what = || format!("create bridge {name}");
-    let message = LinkBridge::new(name).build();
+    // Created down (LinkBridge::new would bring it up): IPv6 addresses are
+    // turned off before it goes up.
+    let message = LinkMessageBuilder::<LinkBridge>::new(name).build();
     execute(handle.link().add(message).execute(), what).await
 }
 
