@@ -65,7 +65,8 @@ enum Command {
     /// Give the container in a network namespace an overlay address (TAP
     /// mode): a veth into the namespace as eth0. Prints the address.
     Attach {
-        /// The container's network namespace (`ip netns` name).
+        /// The container's network namespace: an `ip netns` name, or the path
+        /// of a namespace file (/proc/PID/ns/net, a runtime's netns file).
         #[arg(long)]
         netns: String,
         /// The container's name (a DNS label).
