@@ -2,7 +2,9 @@
 //! `ip` on its PATH, and with /proc/sys read-only (as in an unprivileged
 //! container), and still attaches containers that reach each other across
 //! hosts. Both restrictions come from a wrapper script the testbed starts
-//! in place of meshd.
+//! in place of meshd. Namespaces given by path (/run/netns/NAME and
+//! /proc/PID/ns/net) attach and detach like names; a file that is no
+//! namespace is refused.
 //!
 //! Needs root, iproute2 (for the test bed itself), nftables, util-linux
 //! (unshare, mount) and ping; fails (never skips) without them.
@@ -53,7 +55,10 @@ fn containers_reach_each_other(bed: &mut Testbed) {
     let c1 = bed.add_container_ns(0, "c1").unwrap();
     let c2 = bed.add_container_ns(1, "c2").unwrap();
     bed.attach(0, &c1, "web", &[]).unwrap();
-    let a2 = bed.attach(1, &c2, "db", &[]).unwrap();
+    // By path, as a runtime names it.
+    let a2 = bed
+        .attach(1, &format!("/run/netns/{c2}"), "db", &[])
+        .unwrap();
     let out = exec_in(
         &c1,
         &["ping", "-c", "3", "-i", "0.2", "-W", "2", &a2.to_string()],
@@ -94,6 +99,84 @@ fn containers_reach_each_other(bed: &mut Testbed) {
     assert!(String::from_utf8_lossy(&eth0.stdout).contains("UP"));
 }
 
+/// A process in an anonymous network namespace of its own; killed on drop.
+struct Unshared(std::process::Child);
+
+impl Unshared {
+    fn start() -> Self {
+        let child = std::process::Command::new("unshare")
+            .args(["-n", "sleep", "60"])
+            .spawn()
+            .expect("unshare (util-linux)");
+        let me = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let path = format!("/proc/{}/ns/net", child.id());
+        let moved = meshnet::testbed::wait_until(Duration::from_secs(5), || {
+            std::fs::read_link(&path).is_ok_and(|ns| ns != me)
+        });
+        assert!(moved, "unshare -n did not get a namespace of its own");
+        Self(child)
+    }
+
+    fn netns(&self) -> String {
+        format!("/proc/{}/ns/net", self.0.id())
+    }
+}
+
+impl Drop for Unshared {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A namespace no `ip netns` knows, given as /proc/PID/ns/net: attached,
+/// reachable from a neighbour on the bridge, detached by the same path; a
+/// file that is no namespace is refused clearly.
+fn attach_by_proc_path(bed: &Testbed) {
+    let process = Unshared::start();
+    let address = bed.attach(0, &process.netns(), "anon", &[]).unwrap();
+    let neighbour = bed
+        .containers(0)
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "web")
+        .unwrap();
+    let out = exec_in(
+        &neighbour.netns,
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            &address.to_string(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "ping {address} failed:\n{}",
+        bed.log(0)
+    );
+    let detach = bed
+        .meshctl(0, &["detach", "--netns", &process.netns()])
+        .unwrap();
+    assert!(
+        detach.status.success(),
+        "{}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    assert!(bed.containers(0).unwrap().iter().all(|c| c.name != "anon"));
+    let refused = bed
+        .meshctl(0, &["attach", "--netns", "/etc/hostname", "--name", "x"])
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("is not a network namespace"), "{err}");
+}
+
 #[test]
 fn tap_mode_spawns_no_ip_tool() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,6 +194,7 @@ fn tap_mode_spawns_no_ip_tool() {
     );
     let mut bed = tap_mesh("noip", wrapper(dir.path(), "meshd-noip", &body));
     containers_reach_each_other(&mut bed);
+    attach_by_proc_path(&bed);
 }
 
 #[test]

@@ -198,11 +198,8 @@ impl Shell {
         let (bridge, mtu, prefix) = (containers.bridge.clone(), containers.mtu, containers.prefix);
         let ops = self.ops.clone();
         tokio::spawn(async move {
-            let Ok(netns) = NetnsRef::parse(&container.netns) else {
-                return;
-            };
             let link = ContainerLink {
-                netns,
+                netns: &container.netns,
                 host_veth: &container.host_veth,
                 bridge: &bridge,
                 address: container.address,

@@ -49,7 +49,8 @@ pub enum NetopsError {
 /// A container's link as attach creates it.
 #[derive(Debug, Clone)]
 pub struct ContainerLink<'a> {
-    pub netns: NetnsRef<'a>,
+    /// A namespace name or path (see `NetnsRef`).
+    pub netns: &'a str,
     pub host_veth: &'a str,
     pub bridge: &'a str,
     pub address: Ipv4Addr,
@@ -184,8 +185,12 @@ pub async fn install_filter(ports: &[Port]) -> Result<(), NetopsError> {
 /// configures it; on failure removes the pair again. The port's filter is
 /// in place before the pair exists (and removed again on failure).
 pub async fn attach(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
-    let netns = open_netns(link.netns)?;
-    let shown = link.netns.path().display().to_string();
+    let reference = NetnsRef::parse(link.netns).map_err(|e| NetopsError::NotNamespace {
+        path: link.netns.to_owned(),
+        why: e.to_string(),
+    })?;
+    let netns = open_netns(reference)?;
+    let shown = reference.path().display().to_string();
     let probe = netns.try_clone().map_err(|e| NetopsError::NotNamespace {
         path: shown.clone(),
         why: e.to_string(),
