@@ -7,6 +7,7 @@
 //! the agent. The binaries only parse arguments and call in.
 
 pub mod agent;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod core;

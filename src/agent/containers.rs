@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::control::{AttachRequest, Response};
 use crate::core::Node;
 use crate::core::ethernet::Mac;
-use crate::core::ipam::{Container, DEFAULT_STACK, Ipam, check_netns_name};
+use crate::core::ipam::{Container, DEFAULT_STACK, Ipam, NetnsRef, check_netns_name};
 use crate::core::isolation::Port;
 
 pub struct Containers {
@@ -123,11 +123,13 @@ impl Containers {
 
     /// Checks an attach request and reserves its address.
     fn reserve(&mut self, req: AttachRequest) -> Result<Container, String> {
-        check_netns_name(&req.netns).map_err(|e| e.to_string())?;
-        let stack = req.stack.unwrap_or_else(|| DEFAULT_STACK.to_owned());
-        if !netops::netns_exists(&req.netns) {
-            return Err(NetopsError::NoNamespace(req.netns).to_string());
-        }
+        let netns = NetnsRef::parse(&req.netns).map_err(|e| e.to_string())?;
+        let stack = req
+            .stack
+            .clone()
+            .unwrap_or_else(|| DEFAULT_STACK.to_owned());
+        // Opened once here for a clear error; attach opens it again.
+        netops::open_netns(netns).map_err(|e| e.to_string())?;
         if self.busy.contains(&req.netns) {
             return Err(format!(
                 "an attach or detach of {} is already under way",
@@ -442,7 +444,12 @@ async fn write_resolv_conf_off_task(container: &Container, domain: String) {
 
 /// The container's resolver: `ip netns exec` binds /etc/netns/NS/resolv.conf
 /// over /etc/resolv.conf inside the namespace.
+/// A namespace given by path has no /etc/netns: its runtime sets up the
+/// resolver (a CNI runtime from the plugin's result).
 fn write_resolv_conf(netns: &str, stack: &str, domain: &str) -> std::io::Result<()> {
+    let Ok(NetnsRef::Name(netns)) = NetnsRef::parse(netns) else {
+        return Ok(());
+    };
     let dir = std::path::Path::new("/etc/netns").join(netns);
     std::fs::create_dir_all(&dir)?;
     let text = format!(
@@ -455,6 +462,9 @@ fn write_resolv_conf(netns: &str, stack: &str, domain: &str) -> std::io::Result<
 }
 
 fn remove_resolv_conf(netns: &str) {
+    let Ok(NetnsRef::Name(netns)) = NetnsRef::parse(netns) else {
+        return;
+    };
     let dir = std::path::Path::new("/etc/netns").join(netns);
     let _ = std::fs::remove_file(dir.join("resolv.conf"));
     let _ = std::fs::remove_dir(dir);

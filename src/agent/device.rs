@@ -1,12 +1,11 @@
 //! The overlay device: creating the TUN interface with its address and MTU.
 //!
 //! The device disappears with the file descriptor, so neither a clean exit
-//! nor a crash leaves it behind. Must never: touch any interface but the one
-//! it creates.
+//! nor a crash leaves it behind. It is created down: `netops` turns off its
+//! IPv6 addresses and brings it up over netlink. Must never: touch any
+//! interface but the one it creates.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
-
 use tun_rs::{AsyncDevice, DeviceBuilder, Layer};
 
 /// Underlay overhead WireGuard needs in the worst case (IPv6 underlay):
@@ -74,7 +73,8 @@ mod libc_flags {
     pub const IFF_LOOPBACK: u32 = 0x8;
 }
 
-/// Creates the TUN device, addressed and up. With `offload`, it asks for
+/// Creates the TUN device, addressed, down (netops brings it up once
+/// IPv6 address generation is off). With `offload`, it asks for
 /// segmentation offload (IFF_VNET_HDR + TUNSETOFFLOAD: TCP super-packets
 /// in both directions); a kernel that refuses gets a plain device and one
 /// warning. The device's `tcp_gso()` tells which one was made.
@@ -90,14 +90,21 @@ pub fn create_tun(
             .name(name)
             .ipv4(address, prefix, None)
             .mtu(mtu)
+            .enable(false)
     };
     build_offloaded(builder, name, offload)
 }
 
-/// Creates the TAP device, up, without an address (the host's address
+/// Creates the TAP device, down, without an address (the host's address
 /// lives on the bridge the device joins); offload as for `create_tun`.
 pub fn create_tap(name: &str, mtu: u16, offload: bool) -> Result<AsyncDevice, DeviceError> {
-    let builder = || DeviceBuilder::new().name(name).layer(Layer::L2).mtu(mtu);
+    let builder = || {
+        DeviceBuilder::new()
+            .name(name)
+            .layer(Layer::L2)
+            .mtu(mtu)
+            .enable(false)
+    };
     build_offloaded(builder, name, offload)
 }
 
@@ -137,19 +144,7 @@ fn build(builder: DeviceBuilder, name: &str) -> Result<AsyncDevice, DeviceError>
             hint,
         }
     })?;
-    disable_ipv6(name);
     Ok(device)
-}
-
-/// The overlay is IPv4-only; without this the kernel sends IPv6 router
-/// solicitations into the device, which would only be dropped.
-fn disable_ipv6(name: &str) {
-    let path = Path::new("/proc/sys/net/ipv6/conf")
-        .join(name)
-        .join("disable_ipv6");
-    if let Err(e) = std::fs::write(&path, "1") {
-        tracing::debug!(error = %e, "could not disable IPv6 on the device");
-    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod device_io;
 pub mod dns_server;
 pub mod limits;
 pub mod metrics;
+pub mod netlink;
 pub mod netops;
 pub mod records_sync;
 pub mod reload;
@@ -141,6 +142,7 @@ pub async fn run(
                 mtu,
                 config.offload,
             )?;
+            netops::bring_up_device(&config.device).await?;
             (
                 tun,
                 None,
@@ -154,6 +156,7 @@ pub async fn run(
             netops::ensure_bridge(&config.bridge, Mac::of_bridge(&key), address, prefix, mtu)
                 .await?;
             let tap = device::create_tap(&config.device, mtu, config.offload)?;
+            netops::bring_up_device(&config.device).await?;
             netops::enslave(&config.device, &config.bridge).await?;
             let mut node = Node::new(&identity, LinkMode::Tap, Instant::now());
             let containers = Containers::restore(&config, mtu, records, &mut node).await?;

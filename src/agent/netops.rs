@@ -1,21 +1,27 @@
-//! Link plumbing with iproute2 and nftables: the TAP-mode bridge, container
-//! veths, and the bridge filter that isolates them (`core::isolation`
-//! writes the nft scripts; this file only runs them).
+//! Link plumbing over rtnetlink, and nftables: the TAP-mode bridge,
+//! container veths, and the bridge filter that isolates them
+//! (`core::isolation` writes the nft scripts; this file only runs them).
 //!
-//! Every step runs `ip` or `nft -f -` asynchronously, so the agent's data
-//! path never waits on it. An attach installs the port's filter before the
+//! Links, addresses, routes and per-device settings go through `netlink`
+//! (no `ip`, no /proc/sys writes); the filter through `nft -f -`. All of it
+//! is asynchronous, so the agent's data path never waits on it. A container
+//! namespace is referenced by path (`/run/netns/NAME` for a named one) and
+//! must be an nsfs file. An attach installs the port's filter before the
 //! veth exists, and one that fails part-way removes what it made.
 //! Must never: touch a link it did not create or was not named; never
 //! remove the bridge or the filter table (containers keep working, and
 //! stay isolated, while the agent restarts).
 
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::netlink::{self, NetlinkError, VethPeer};
 use crate::core::ethernet::Mac;
+use crate::core::ipam::NetnsRef;
 use crate::core::isolation::{self, IsolationError, Port, PortName};
 use crate::core::service::SERVICE_ADDRESS;
 
@@ -23,10 +29,12 @@ use crate::core::service::SERVICE_ADDRESS;
 pub enum NetopsError {
     #[error("network namespace {0} does not exist (create it with `ip netns add {0}`)")]
     NoNamespace(String),
+    #[error("{path} is not a network namespace: {why}")]
+    NotNamespace { path: String, why: String },
     #[error("network namespace {0} already has an eth0")]
     Eth0Exists(String),
-    #[error("`ip {command}` failed: {stderr}")]
-    Command { command: String, stderr: String },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     #[error(
         "TAP mode needs the `nft` tool (Debian package nftables) to isolate containers \
          on the bridge: {0}"
@@ -41,6 +49,7 @@ pub enum NetopsError {
 /// A container's link as attach creates it.
 #[derive(Debug, Clone)]
 pub struct ContainerLink<'a> {
+    /// A namespace name or path (see `NetnsRef`).
     pub netns: &'a str,
     pub host_veth: &'a str,
     pub bridge: &'a str,
@@ -60,8 +69,37 @@ pub fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-pub fn netns_exists(name: &str) -> bool {
-    !name.is_empty() && !name.contains('/') && Path::new("/run/netns").join(name).exists()
+/// nsfs's f_type (include/uapi/linux/magic.h).
+const NSFS_MAGIC: u64 = 0x6e73_6673;
+
+/// Opens the namespace file and checks that it is one: a named namespace
+/// that is missing, a path that is missing, and a file that is not a
+/// namespace each get their own error.
+pub fn open_netns(netns: NetnsRef<'_>) -> Result<OwnedFd, NetopsError> {
+    let path = netns.path();
+    let not_ns = |why: String| NetopsError::NotNamespace {
+        path: path.display().to_string(),
+        why,
+    };
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(match netns.name() {
+                Some(name) => NetopsError::NoNamespace(name.to_owned()),
+                None => not_ns("no such file".into()),
+            });
+        }
+        Err(e) => return Err(not_ns(e.to_string())),
+    };
+    let fs = rustix::fs::fstatfs(&file).map_err(|e| not_ns(e.to_string()))?;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs per arch
+    if fs.f_type as u64 != NSFS_MAGIC {
+        return Err(not_ns(
+            "not an nsfs file (expected /run/netns/NAME, /proc/PID/ns/net or a runtime's netns file)"
+                .into(),
+        ));
+    }
+    Ok(file.into())
 }
 
 /// Creates the bridge if missing and gives it the host's address, MAC and
@@ -76,21 +114,15 @@ pub async fn ensure_bridge(
     mtu: u16,
 ) -> Result<(), NetopsError> {
     check_filter().await?;
-    if !link_exists(name) {
-        ip(&["link", "add", name, "type", "bridge"]).await?;
+    let handle = netlink::connect()?;
+    if netlink::index(&handle, name).await?.is_none() {
+        netlink::add_bridge(&handle, name).await?;
     }
-    let (mac, mtu) = (mac.to_string(), mtu.to_string());
-    ip(&["link", "set", name, "address", &mac, "mtu", &mtu]).await?;
-    ip(&[
-        "addr",
-        "replace",
-        &format!("{address}/{prefix}"),
-        "dev",
-        name,
-    ])
-    .await?;
-    disable_ipv6(name);
-    ip(&["link", "set", name, "up"]).await
+    let index = netlink::existing(&handle, name).await?;
+    netlink::no_ipv6_addresses(&handle, index).await?;
+    netlink::set_mac_mtu(&handle, index, mac.0, mtu).await?;
+    netlink::add_address(&handle, index, address, prefix, true).await?;
+    Ok(netlink::set_up(&handle, index, None).await?)
 }
 
 /// Gives the host the service address (on loopback, where the agent's DNS
@@ -98,35 +130,43 @@ pub async fn ensure_bridge(
 /// ARP for it: the agent answers, and passes what it does not serve itself
 /// to the host.
 pub async fn set_up_service_address(bridge: Option<&str>) -> Result<(), NetopsError> {
-    ip(&["link", "set", "lo", "up"]).await?;
-    ip(&[
-        "addr",
-        "replace",
-        &format!("{SERVICE_ADDRESS}/32"),
-        "dev",
-        "lo",
-    ])
-    .await?;
+    let handle = netlink::connect()?;
+    let lo = netlink::existing(&handle, "lo").await?;
+    netlink::set_up(&handle, lo, None).await?;
+    netlink::add_address(&handle, lo, SERVICE_ADDRESS, 32, true).await?;
     if let Some(bridge) = bridge {
+        // arp_ignore 1 (answer only for addresses on the bridge itself).
         // arp_announce 2: when the host resolves a container to answer its
         // DNS, the request's sender is the bridge's own address, never the
         // reply's source (the service address). Otherwise the container
         // would learn 169.254.169.250 at the bridge's MAC and send its next
         // queries to the host directly, where the bridge filter drops them.
-        for (knob, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
-            let path = Path::new("/proc/sys/net/ipv4/conf").join(bridge).join(knob);
-            std::fs::write(&path, value).map_err(|e| NetopsError::Command {
-                command: format!("write {}", path.display()),
-                stderr: e.to_string(),
-            })?;
-        }
+        let index = netlink::existing(&handle, bridge).await?;
+        let spec = netlink::af_spec_inet_conf(&[
+            (netlink::IPV4_DEVCONF_ARP_IGNORE, 1),
+            (netlink::IPV4_DEVCONF_ARP_ANNOUNCE, 2),
+        ]);
+        netlink::set_af_spec(&handle, index, spec).await?;
     }
     Ok(())
 }
 
 /// Puts a link on the bridge and brings it up.
 pub async fn enslave(link: &str, bridge: &str) -> Result<(), NetopsError> {
-    ip(&["link", "set", link, "master", bridge, "up"]).await
+    let handle = netlink::connect()?;
+    let master = netlink::existing(&handle, bridge).await?;
+    let index = netlink::existing(&handle, link).await?;
+    Ok(netlink::set_up(&handle, index, Some(master)).await?)
+}
+
+/// Brings an overlay device (TUN or TAP) up without IPv6 addresses: the
+/// overlay is IPv4-only, and a link-local address would make the kernel
+/// send router solicitations into the device, which would only be dropped.
+pub async fn bring_up_device(name: &str) -> Result<(), NetopsError> {
+    let handle = netlink::connect()?;
+    let index = netlink::existing(&handle, name).await?;
+    netlink::no_ipv6_addresses(&handle, index).await?;
+    Ok(netlink::set_up(&handle, index, None).await?)
 }
 
 /// Dry-runs the empty filter table (`nft -c`: the kernel checks it, nothing
@@ -148,88 +188,70 @@ pub async fn set_hairpin(hairpin: bool) -> Result<(), NetopsError> {
     nft(&["-f", "-"], &isolation::hairpin(hairpin)).await
 }
 
-/// Creates the veth pair, moves one end into the namespace as `eth0`, and
+/// Creates the veth pair, its peer made as `eth0` inside the namespace, and
 /// configures it; on failure removes the pair again. The port's filter is
 /// in place before the pair exists (and removed again on failure).
 pub async fn attach(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
-    if !netns_exists(link.netns) {
-        return Err(NetopsError::NoNamespace(link.netns.to_owned()));
-    }
-    if ip(&["-n", link.netns, "link", "show", "eth0"])
-        .await
-        .is_ok()
-    {
-        return Err(NetopsError::Eth0Exists(link.netns.to_owned()));
+    let reference = NetnsRef::parse(link.netns).map_err(|e| NetopsError::NotNamespace {
+        path: link.netns.to_owned(),
+        why: e.to_string(),
+    })?;
+    let netns = open_netns(reference)?;
+    let shown = reference.path().display().to_string();
+    let probe = netns.try_clone().map_err(|e| NetopsError::NotNamespace {
+        path: shown.clone(),
+        why: e.to_string(),
+    })?;
+    let has_eth0 = netlink::in_netns(probe, |handle| async move {
+        netlink::index(&handle, "eth0").await
+    })
+    .await?;
+    if has_eth0.is_some() {
+        return Err(NetopsError::Eth0Exists(shown));
     }
     let port = Port::new(link.host_veth, link.mac, link.address)?;
     nft(&["-f", "-"], &isolation::add_port(&port)).await?;
-    let made = make_pair(link).await;
+    let made = make_pair(link, netns).await;
     if made.is_err() {
         let _ = nft(&["-f", "-"], &isolation::remove_port(&port.name)).await;
     }
     made
 }
 
-async fn make_pair(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
-    ip(&[
-        "link",
-        "add",
-        link.host_veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        link.netns,
-    ])
-    .await?;
-    let configured = configure(link).await;
-    if configured.is_err() {
-        let _ = ip(&["link", "del", link.host_veth]).await;
+async fn make_pair(link: &ContainerLink<'_>, netns: OwnedFd) -> Result<(), NetopsError> {
+    let handle = netlink::connect()?;
+    let master = netlink::existing(&handle, link.bridge).await?;
+    let peer = VethPeer {
+        name: "eth0",
+        mac: link.mac.0,
+        mtu: link.mtu,
+        netns: &netns,
+    };
+    netlink::add_veth(&handle, link.host_veth, master, &peer).await?;
+    let (address, prefix) = (link.address, link.prefix);
+    let configured =
+        netlink::in_netns(netns, move |handle| configure(handle, address, prefix)).await;
+    if configured.is_err()
+        && let Ok(Some(index)) = netlink::index(&handle, link.host_veth).await
+    {
+        let _ = netlink::delete(&handle, index).await;
     }
-    configured
+    Ok(configured?)
 }
 
-async fn configure(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
-    let (mac, mtu) = (link.mac.to_string(), link.mtu.to_string());
-    let ns = link.netns;
-    ip(&[
-        "link",
-        "set",
-        link.host_veth,
-        "master",
-        link.bridge,
-        "mtu",
-        &mtu,
-        "up",
-    ])
-    .await?;
-    ip(&["-n", ns, "link", "set", "lo", "up"]).await?;
-    ip(&[
-        "-n", ns, "link", "set", "eth0", "address", &mac, "mtu", &mtu, "up",
-    ])
-    .await?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{}/{}", link.address, link.prefix),
-        "dev",
-        "eth0",
-    ])
-    .await?;
-    ip(&[
-        "-n",
-        ns,
-        "route",
-        "add",
-        &format!("{SERVICE_ADDRESS}/32"),
-        "dev",
-        "eth0",
-    ])
-    .await
+/// Inside the container's namespace: loopback up, eth0 up with its
+/// address, and the service address reachable on the link.
+async fn configure(
+    handle: rtnetlink::Handle,
+    address: Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetlinkError> {
+    let lo = netlink::existing(&handle, "lo").await?;
+    netlink::set_up(&handle, lo, None).await?;
+    let eth0 = netlink::existing(&handle, "eth0").await?;
+    netlink::add_address(&handle, eth0, address, prefix, false).await?;
+    netlink::set_up(&handle, eth0, None).await?;
+    netlink::add_link_route(&handle, eth0, SERVICE_ADDRESS, 32).await
 }
 
 /// Removes a container's veth pair, then its filter; either already gone
@@ -237,36 +259,11 @@ async fn configure(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
 /// unmapped-or-absent, and the fail-closed rule covers it.
 pub async fn detach(host_veth: &str) -> Result<(), NetopsError> {
     let name = PortName::new(host_veth)?;
-    if link_exists(host_veth) {
-        ip(&["link", "del", host_veth]).await?;
+    let handle = netlink::connect()?;
+    if let Some(index) = netlink::index(&handle, host_veth).await? {
+        netlink::delete(&handle, index).await?;
     }
     nft(&["-f", "-"], &isolation::remove_port(&name)).await
-}
-
-fn disable_ipv6(name: &str) {
-    let path = Path::new("/proc/sys/net/ipv6/conf")
-        .join(name)
-        .join("disable_ipv6");
-    let _ = std::fs::write(path, "1");
-}
-
-async fn ip(args: &[&str]) -> Result<(), NetopsError> {
-    let failed = |stderr: String| NetopsError::Command {
-        command: args.join(" "),
-        stderr,
-    };
-    let out = Command::new("ip")
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| failed(format!("cannot run ip (is iproute2 installed?): {e}")))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(failed(
-        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-    ))
 }
 
 /// Runs `nft` with `script` on stdin: one atomic transaction.
@@ -298,6 +295,7 @@ async fn nft(args: &[&str], script: &str) -> Result<(), NetopsError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -310,8 +308,19 @@ mod tests {
     }
 
     #[test]
-    fn namespace_names_cannot_escape_the_netns_directory() {
-        assert!(!netns_exists("../../etc"));
-        assert!(!netns_exists(""));
+    fn a_file_that_is_not_a_namespace_is_refused() {
+        let path = "/proc/self/status";
+        let err = open_netns(NetnsRef::Path(Path::new(path))).unwrap_err();
+        assert!(matches!(err, NetopsError::NotNamespace { .. }), "{err}");
+        let missing = open_netns(NetnsRef::Name("meshnet-no-such-ns")).unwrap_err();
+        assert_eq!(
+            missing,
+            NetopsError::NoNamespace("meshnet-no-such-ns".into())
+        );
+    }
+
+    #[test]
+    fn this_process_namespace_is_a_namespace() {
+        assert!(open_netns(NetnsRef::Path(Path::new("/proc/self/ns/net"))).is_ok());
     }
 }

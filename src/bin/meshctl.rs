@@ -81,7 +81,8 @@ enum Command {
         after_help = "Example:\n  meshctl attach --netns web1 --name web1 --stack shop --service web --port http:8080/tcp"
     )]
     Attach {
-        /// The container's network namespace (`ip netns` name).
+        /// The container's network namespace: an `ip netns` name, or the path
+        /// of a namespace file (/proc/PID/ns/net, a runtime's netns file).
         #[arg(long)]
         netns: String,
         /// The container's name (a DNS label).

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::{Component, Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -72,10 +73,69 @@ pub enum NetnsNameError {
 /// Longest namespace name: a file name under /run/netns.
 pub const NETNS_NAME_MAX: usize = 255;
 
-/// Checks that `name` can only mean a file directly in /run/netns (and
-/// /etc/netns, where the agent writes the container's resolv.conf), and
-/// cannot be taken for an option by `ip`.
+/// How a request names a container's network namespace: a name under
+/// /run/netns (as `ip netns add` makes), or the path of a namespace file a
+/// runtime holds (`/proc/PID/ns/net`, a CNI runtime's netns file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetnsRef<'a> {
+    Name(&'a str),
+    Path(&'a Path),
+}
+
+impl<'a> NetnsRef<'a> {
+    /// A leading '/' makes a path; anything else must be a plain name.
+    pub fn parse(text: &'a str) -> Result<Self, NetnsNameError> {
+        if !text.starts_with('/') {
+            check_plain_name(text)?;
+            return Ok(Self::Name(text));
+        }
+        if text.contains('\0') {
+            return Err(NetnsNameError::Separator(text.to_owned()));
+        }
+        if text.len() > NETNS_PATH_MAX {
+            return Err(NetnsNameError::TooLong(text.len()));
+        }
+        // No `.`/`..`: the path a record keeps is the one that was opened.
+        let path = Path::new(text);
+        if path
+            .components()
+            .any(|c| matches!(c, Component::CurDir | Component::ParentDir))
+            || text.contains("/./")
+            || text.ends_with("/.")
+        {
+            return Err(NetnsNameError::Dot(text.to_owned()));
+        }
+        Ok(Self::Path(path))
+    }
+
+    /// The file to open.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Self::Name(name) => Path::new("/run/netns").join(name),
+            Self::Path(path) => path.to_path_buf(),
+        }
+    }
+
+    /// The name, for a named namespace (only those get /etc/netns files).
+    pub fn name(&self) -> Option<&'a str> {
+        match self {
+            Self::Name(name) => Some(name),
+            Self::Path(_) => None,
+        }
+    }
+}
+
+/// Longest namespace path (PATH_MAX).
+pub const NETNS_PATH_MAX: usize = 4096;
+
+/// Checks that `name` is a namespace path (see [`NetnsRef`]) or can only
+/// mean a file directly in /run/netns (and /etc/netns, where the agent
+/// writes the container's resolv.conf).
 pub fn check_netns_name(name: &str) -> Result<(), NetnsNameError> {
+    NetnsRef::parse(name).map(|_| ())
+}
+
+fn check_plain_name(name: &str) -> Result<(), NetnsNameError> {
     if name.is_empty() {
         return Err(NetnsNameError::Empty);
     }
@@ -346,7 +406,7 @@ mod tests {
         for dot in [".", ".."] {
             assert_eq!(check_netns_name(dot), Err(NetnsNameError::Dot(dot.into())));
         }
-        for sep in ["a/b", "../etc", "/abs", "a\0b"] {
+        for sep in ["a/b", "../etc", "a\0b", "/abs\0"] {
             assert_eq!(
                 check_netns_name(sep),
                 Err(NetnsNameError::Separator(sep.into()))
@@ -364,6 +424,32 @@ mod tests {
         }
         let err = check_netns_name("..").unwrap_err().to_string();
         assert!(err.contains("\"..\""), "{err}");
+    }
+
+    #[test]
+    fn namespace_paths_are_accepted_without_dot_components() {
+        assert_eq!(
+            NetnsRef::parse("/proc/42/ns/net"),
+            Ok(NetnsRef::Path(Path::new("/proc/42/ns/net")))
+        );
+        assert_eq!(
+            NetnsRef::parse("c1").map(|r| r.path()),
+            Ok(PathBuf::from("/run/netns/c1"))
+        );
+        assert_eq!(NetnsRef::parse("c1").map(|r| r.name()), Ok(Some("c1")));
+        assert_eq!(NetnsRef::parse("/run/netns/c1").map(|r| r.name()), Ok(None));
+        for dots in ["/run/netns/../x", "/run/./netns/x", "/run/netns/."] {
+            assert_eq!(
+                NetnsRef::parse(dots),
+                Err(NetnsNameError::Dot(dots.into())),
+                "{dots}"
+            );
+        }
+        let long = format!("/{}", "x".repeat(NETNS_PATH_MAX));
+        assert_eq!(
+            check_netns_name(&long),
+            Err(NetnsNameError::TooLong(long.len()))
+        );
     }
 
     #[test]
