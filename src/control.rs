@@ -34,6 +34,8 @@ pub enum Request {
     Attach(AttachRequest),
     Detach { netns: String },
     Dns,
+    /// `meshctl store`: the membership store's state.
+    Store,
 }
 
 /// `meshctl attach`: give the container in `netns` an overlay address.
@@ -57,6 +59,7 @@ pub enum Response {
     Containers(Vec<Container>),
     Container(Container),
     Records(Vec<crate::dns::RecordView>),
+    Store(crate::store::StoreStatus),
     Error(String),
 }
 

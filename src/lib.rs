@@ -14,5 +14,6 @@ pub mod dns;
 pub mod keys;
 pub mod membership;
 pub mod report;
+pub mod store;
 pub mod testbed;
 pub mod uapi;

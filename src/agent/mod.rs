@@ -76,7 +76,17 @@ pub enum AgentError {
 /// on it stay, so local traffic survives an agent restart.
 pub async fn run(
     config: Config,
+    membership: watch::Receiver<Membership>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    run_with_store(config, membership, None, shutdown).await
+}
+
+/// `run`, with membership from a store whose state `meshctl store` shows.
+pub async fn run_with_store(
+    config: Config,
     mut membership: watch::Receiver<Membership>,
+    store: Option<watch::Receiver<crate::store::StoreReport>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     limits::raise_open_files();
@@ -168,6 +178,7 @@ pub async fn run(
         sync_out: sync.outbound,
         sync_refused: sync.refused,
         dns_counters,
+        store,
     };
     let mut shell = shell;
     shell.publish_records();
@@ -210,6 +221,8 @@ struct Shell {
     sync_out: mpsc::Receiver<crate::dns::sync::Transmit>,
     sync_refused: Arc<AtomicU64>,
     dns_counters: Arc<dns_server::Counters>,
+    /// The membership store's report, when peers come from one.
+    store: Option<watch::Receiver<crate::store::StoreReport>>,
 }
 
 /// The packet task's ends of the records sync.
@@ -405,6 +418,12 @@ impl Shell {
             Request::Dns => Response::Records(self.zone.borrow().views().to_vec()),
             Request::Attach(req) => return self.begin_attach(req, reply),
             Request::Detach { netns } => return self.begin_detach(netns, reply),
+            Request::Store => match &self.store {
+                Some(s) => Response::Store(s.borrow().status(now)),
+                None => Response::Error(
+                    "no [store] configured: peers come from the [[peer]] list".into(),
+                ),
+            },
         };
         let _ = reply.send(response);
     }

@@ -68,20 +68,65 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(mut config: Config) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
-    let (membership_tx, membership_rx) = watch::channel(config.membership.clone());
-    tokio::spawn(reload_on_hangup(hangup, config.clone(), membership_tx));
+    // The membership source: the store when configured, else the file.
+    let (membership_rx, store_report) = match config.store.clone() {
+        Some(store) => {
+            let (membership, report) = start_store(&mut config, &store).await?;
+            tokio::spawn(ignore_hangup(hangup));
+            (membership, Some(report))
+        }
+        None => {
+            let (membership_tx, membership_rx) = watch::channel(config.membership.clone());
+            tokio::spawn(reload_on_hangup(hangup, config.clone(), membership_tx));
+            (membership_rx, None)
+        }
+    };
     let shutdown = async move {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    meshnet::agent::run(config, membership_rx, shutdown).await?;
+    meshnet::agent::run_with_store(config, membership_rx, store_report, shutdown).await?;
     Ok(())
+}
+
+/// Joins the etcd store: this host's block and the cluster's overlay come
+/// from it, then peers follow its watch.
+#[cfg(feature = "etcd")]
+async fn start_store(
+    config: &mut Config,
+    store: &meshnet::config::StoreConfig,
+) -> anyhow::Result<(
+    watch::Receiver<Membership>,
+    watch::Receiver<meshnet::store::StoreReport>,
+)> {
+    let started = meshnet::store::etcd::start(config, store).await?;
+    config.subnet = started.block;
+    config.overlay = started.cluster.overlay;
+    Ok((started.membership, started.report))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn start_store(
+    _: &mut Config,
+    _: &meshnet::config::StoreConfig,
+) -> anyhow::Result<(
+    watch::Receiver<Membership>,
+    watch::Receiver<meshnet::store::StoreReport>,
+)> {
+    anyhow::bail!("[store] needs a meshd built with the `etcd` feature (the default)")
+}
+
+/// With a store, peers follow etcd, not the file: SIGHUP changes nothing.
+async fn ignore_hangup(mut hangup: tokio::signal::unix::Signal) {
+    while hangup.recv().await.is_some() {
+        tracing::warn!("SIGHUP ignored: peers come from the [store], not the config file");
+    }
 }
 
 /// SIGHUP re-reads the config file and applies its peer list. Changes to
