@@ -82,21 +82,45 @@ struct Own {
     name: String,
     key: PublicKey,
     psk: Option<PresharedKey>,
-    snapshot: PathBuf,
+    /// `None`: no snapshot (the simulation's thousand clients).
+    snapshot: Option<PathBuf>,
+}
+
+/// A host joining the store: what `start` needs from its config.
+#[derive(Clone)]
+pub struct Member {
+    pub name: String,
+    pub key: PublicKey,
+    pub psk: Option<PresharedKey>,
+    pub overlay: Ipv4Net,
+    /// Where the snapshot lives; `None` keeps none.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Member {
+    pub fn of(config: &Config) -> Self {
+        Self {
+            name: config.name.clone(),
+            key: config.public_key(),
+            psk: config.cluster_psk.clone(),
+            overlay: config.overlay,
+            state_dir: Some(config.state_dir.clone()),
+        }
+    }
 }
 
 /// Joins (or, with etcd unreachable, restores the snapshot) and spawns the
 /// task that keeps membership current. Claim errors (block owned by
 /// another host, full overlay) are final.
-pub async fn start(config: &Config, store: &StoreConfig) -> Result<Started, StoreError> {
+pub async fn start(member: Member, store: &StoreConfig) -> Result<Started, StoreError> {
     let own = Own {
-        name: config.name.clone(),
-        key: config.public_key(),
-        psk: config.cluster_psk.clone(),
-        snapshot: config.state_dir.join(view::SNAPSHOT_FILE),
+        name: member.name,
+        key: member.key,
+        psk: member.psk,
+        snapshot: member.state_dir.map(|d| d.join(view::SNAPSHOT_FILE)),
     };
     let wanted = ClusterRecord {
-        overlay: config.overlay,
+        overlay: member.overlay,
         block_prefix: store.block_prefix,
     };
     let joined = tokio::time::timeout(JOIN_TIMEOUT, join(store, &own, wanted)).await;
@@ -123,11 +147,12 @@ pub async fn start(config: &Config, store: &StoreConfig) -> Result<Started, Stor
 
 /// The starting point when etcd cannot be reached: the last snapshot.
 fn restore(store: &StoreConfig, own: &Own, why: &str) -> Result<Session, StoreError> {
-    let snap = std::fs::read(&own.snapshot)
+    let path = own.snapshot.clone().unwrap_or_default();
+    let snap = std::fs::read(&path)
         .ok()
         .and_then(|b| Snapshot::decode(&b, &own.name))
-        .ok_or_else(|| StoreError::NoSnapshot(own.snapshot.clone()))?;
-    let cluster = snap.view.cluster.ok_or_else(|| StoreError::NoSnapshot(own.snapshot.clone()))?;
+        .ok_or_else(|| StoreError::NoSnapshot(path.clone()))?;
+    let cluster = snap.view.cluster.ok_or(StoreError::NoSnapshot(path))?;
     tracing::warn!(
         reason = why,
         block = %snap.block,
@@ -522,11 +547,16 @@ impl Session {
             return Ok(());
         }
         let header_rev = resp.header().map_or(0, |h| h.revision());
+        let own_key = self.layout.host(&self.own.name);
+        let mut own_deleted = false;
         for e in resp.events() {
             let Some(kv) = e.kv() else { continue };
             let event = match e.event_type() {
                 EventType::Put => Event::Put { key: kv.key(), value: kv.value() },
-                EventType::Delete => Event::Delete { key: kv.key() },
+                EventType::Delete => {
+                    own_deleted |= kv.key() == own_key.as_bytes();
+                    Event::Delete { key: kv.key() }
+                }
             };
             self.view.apply(&self.layout, event, kv.mod_revision());
         }
@@ -534,7 +564,9 @@ impl Session {
         if !resp.events().is_empty() {
             self.changed();
         }
-        if !self.view.hosts.contains_key(&self.own.name) {
+        // Our record gone (lease expired while etcd could not hear us, or
+        // deleted by hand): register again, if the block is still ours.
+        if own_deleted {
             return Err(StoreError::RecordLost);
         }
         Ok(())
@@ -592,10 +624,10 @@ impl Session {
             block: self.block,
             view,
         };
-        let path = self.own.snapshot.clone();
+        let Some(path) = self.own.snapshot.clone() else { return };
         let written = tokio::task::spawn_blocking(move || write_atomically(&path, &snap.encode())).await;
         if let Ok(Err(e)) = written {
-            tracing::warn!(error = %e, file = %self.own.snapshot.display(), "cannot write the store snapshot");
+            tracing::warn!(error = %e, "cannot write the store snapshot");
         }
     }
 }
@@ -674,7 +706,7 @@ pub async fn claim(
         name: name.to_owned(),
         key,
         psk: None,
-        snapshot: PathBuf::new(),
+        snapshot: None,
     };
     let wanted = ClusterRecord {
         overlay,
