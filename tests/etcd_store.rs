@@ -240,3 +240,135 @@ fn three_hosts_with_no_peers_and_no_subnet_find_each_other_ping_and_resolve() {
     assert!(bed.start(1).is_err());
     assert!(bed.log(1).contains("already owns block"), "{}", bed.log(1));
 }
+
+/// A ping loop from host `i` to `to` in the background: (child, count).
+fn ping_loop(bed: &Testbed, i: usize, to: Ipv4Addr, count: u32) -> std::process::Child {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", &bed.hosts[i].ns, "ping", "-q", "-i", "0.5", "-W", "1"])
+        .args(["-c", &count.to_string(), &to.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// (sent, received) from a finished `ping -q`.
+fn ping_result(child: std::process::Child) -> (u32, u32) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("received")).unwrap_or_default().to_owned();
+    let num = |word: &str| -> u32 {
+        let before = line.split(word).next().unwrap_or_default();
+        before.split_whitespace().last().and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    (num(" packets transmitted"), num(" received"))
+}
+
+/// The issue's outage: etcd gone for two minutes. Traffic between the
+/// hosts goes on (the agents keep their last-known peers), a host
+/// restarted during the outage comes back from its snapshot, and a fourth
+/// host that joins after etcd returns is seen by every host.
+#[test]
+fn etcd_down_two_minutes_traffic_goes_on_then_a_fourth_host_joins() {
+    const OUTAGE: Duration = Duration::from_secs(120);
+    let (mut bed, mut etcd) = bed_with_etcd("etcdout", 4);
+    for i in 0..3 {
+        bed.start(i).unwrap();
+    }
+    wait_converged(&bed, &[0, 1, 2]);
+    ping_all(&bed, &[0, 1, 2]);
+    let h2_block = bed.status(1).unwrap().subnet;
+    // Let the snapshots land (written at most once a second).
+    std::thread::sleep(Duration::from_secs(2));
+    let pings = (OUTAGE.as_secs() * 2 + 20) as u32;
+    let to_h3 = ping_loop(&bed, 0, address(&bed, 2), pings);
+    let to_h1 = ping_loop(&bed, 2, address(&bed, 0), pings);
+    etcd.stop().unwrap();
+    let down = std::time::Instant::now();
+    let ok = wait_until(Duration::from_secs(30), || !store_status(&bed, 0).connected);
+    assert!(ok, "h1 never noticed etcd was gone");
+    // A restart during the outage starts from the snapshot.
+    bed.stop(1).unwrap();
+    bed.start(1).unwrap();
+    assert_eq!(bed.status(1).unwrap().subnet, h2_block);
+    assert!(bed.log(1).contains("running from the last snapshot"), "{}", bed.log(1));
+    wait_converged(&bed, &[0, 1, 2]);
+    ping_all(&bed, &[0, 1, 2]);
+    let s = store_status(&bed, 0);
+    assert!(!s.connected && s.last_error.is_some(), "{s:?}");
+    std::thread::sleep(OUTAGE.saturating_sub(down.elapsed()));
+    etcd.resume().unwrap();
+    bed.start(3).unwrap();
+    wait_converged(&bed, &[0, 1, 2, 3]);
+    ping_all(&bed, &[0, 1, 2, 3]);
+    for i in 0..4 {
+        let ok = wait_until(Duration::from_secs(30), || {
+            let s = store_status(&bed, i);
+            s.connected && s.last_error.is_none()
+        });
+        assert!(ok, "{} did not reconnect: {:?}", bed.hosts[i].name, store_status(&bed, i));
+    }
+    for (name, child) in [("h1 -> h3", to_h3), ("h3 -> h1", to_h1)] {
+        let (sent, received) = ping_result(child);
+        eprintln!("{name}: {received}/{sent} answered across the outage");
+        assert!(sent >= pings - 1, "{name}: ping loop cut short ({sent})");
+        // Every ping every half second answered, but allow a couple for a
+        // debug build on a loaded 2-core machine.
+        assert!(received + 2 >= sent, "{name}: traffic stopped: {received}/{sent}");
+    }
+}
+
+/// Compaction while a host is cut off from etcd: on reconnect its watch
+/// revision is gone; it re-lists, applies the delete it missed, and says
+/// so in one log line (not a loop).
+#[test]
+fn compaction_while_disconnected_relists_and_converges_with_one_log_line() {
+    let (mut bed, etcd) = bed_with_etcd("etcdcmp", 2);
+    bed.start_all().unwrap();
+    wait_converged(&bed, &[0, 1]);
+    // A third host, registered straight in etcd (its endpoint leads
+    // nowhere; only membership matters here).
+    let ghost_key = PrivateKey::generate().unwrap().public_key();
+    let block = "10.42.200.0/24";
+    etcd.ctl_ok(&[
+        "put",
+        "/meshnet/v1/blocks/10.42.200.0-24",
+        &format!(r#"{{"owner":"ghost","public_key":"{ghost_key}"}}"#),
+    ])
+    .unwrap();
+    etcd.ctl_ok(&[
+        "put",
+        "/meshnet/v1/hosts/ghost",
+        &format!(r#"{{"public_key":"{ghost_key}","endpoints":["192.0.2.99:51820"],"block":"{block}"}}"#),
+    ])
+    .unwrap();
+    let ok = wait_until(Duration::from_secs(10), || peer_names(&bed, 1).contains("ghost"));
+    assert!(ok, "h2 never saw ghost");
+    // Cut h2 off from etcd (the mesh underlay stays).
+    let etcd_ip = bed.hosts[2].underlay.to_string();
+    let cut = ["route", "add", "blackhole", &format!("{etcd_ip}/32")];
+    assert!(bed.exec(1, &["ip"].iter().chain(cut.iter()).copied().collect::<Vec<_>>()).unwrap().status.success());
+    let ok = wait_until(Duration::from_secs(30), || !store_status(&bed, 1).connected);
+    assert!(ok, "h2 never noticed it was cut off");
+    etcd.ctl_ok(&["del", "/meshnet/v1/hosts/ghost"]).unwrap();
+    etcd.ctl_ok(&["del", "/meshnet/v1/blocks/10.42.200.0-24"]).unwrap();
+    for n in 0..20 {
+        etcd.ctl_ok(&["put", "/meshnet/v1/churn", &n.to_string()]).unwrap();
+    }
+    etcd.compact().unwrap();
+    assert!(peer_names(&bed, 1).contains("ghost"), "nothing is removed on a connection error");
+    let heal = ["route", "del", "blackhole", &format!("{etcd_ip}/32")];
+    assert!(bed.exec(1, &["ip"].iter().chain(heal.iter()).copied().collect::<Vec<_>>()).unwrap().status.success());
+    let ok = wait_until(Duration::from_secs(40), || {
+        let s = store_status(&bed, 1);
+        s.connected && s.relists == 1 && !peer_names(&bed, 1).contains("ghost")
+    });
+    assert!(ok, "h2 did not re-list: {:?}\n{}", store_status(&bed, 1), bed.log(1));
+    wait_converged(&bed, &[0, 1]);
+    // Stays settled: no watch loop on the compacted revision.
+    std::thread::sleep(Duration::from_secs(3));
+    let log = bed.log(1);
+    assert_eq!(log.matches("etcd compacted the watched history").count(), 1, "{log}");
+    assert_eq!(store_status(&bed, 1).relists, 1);
+    ping_all(&bed, &[0, 1]);
+}
