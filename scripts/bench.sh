@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/bench.sh: the end-to-end benchmark creates network namespaces; run it as root" >&2
     exit 1
 fi
-scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go
+scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go protobuf-compiler libprotobuf-dev
 cargo bench --bench encap
 cargo bench --bench netns
 cargo bench --bench flood

@@ -9,7 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: the namespace tests need root; run it as root" >&2
     exit 1
 fi
-scripts/deps.sh iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq wireguard-tools wireguard-go socat python3 nftables faketime
+scripts/deps.sh iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq wireguard-tools wireguard-go socat python3 nftables faketime \
+    etcd-server etcd-client protobuf-compiler libprotobuf-dev
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets

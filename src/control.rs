@@ -32,7 +32,9 @@ pub enum Request {
     Status,
     Containers,
     Attach(AttachRequest),
-    Detach { netns: String },
+    Detach {
+        netns: String,
+    },
     Dns,
     /// `meshctl store`: the membership store's state.
     Store,

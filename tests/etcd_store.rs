@@ -85,7 +85,10 @@ fn two_hosts_racing_for_one_block_fifty_times_leave_exactly_one_owner() {
         assert_eq!(winners.len(), 1, "round {round}: {a:?} / {b:?}");
         let loser = if a.is_ok() { &b } else { &a };
         assert!(
-            matches!(loser, Err(StoreError::Claim(ClaimError::OwnedByOther { .. }))),
+            matches!(
+                loser,
+                Err(StoreError::Claim(ClaimError::OwnedByOther { .. }))
+            ),
             "round {round}: the loser is told who owns it: {loser:?}"
         );
         assert_eq!(owner(&etcd, &prefix, wanted).as_deref(), Some(winners[0]));
@@ -125,22 +128,43 @@ fn hosts_without_a_subnet_racing_get_distinct_blocks_and_decommission_frees_one(
     let again = rt.block_on(etcd::claim(&s, "a", keys[0], overlay)).unwrap();
     let stolen = rt.block_on(etcd::claim(&s, "a", keys[2], overlay));
     assert!(
-        matches!(stolen, Err(StoreError::Claim(ClaimError::NameHasOtherKey { .. }))),
+        matches!(
+            stolen,
+            Err(StoreError::Claim(ClaimError::NameHasOtherKey { .. }))
+        ),
         "{stolen:?}"
     );
     // meshctl decommission frees a's block; then c can claim it.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(["decommission", "a", "--endpoints", &etcd.url(), "--prefix", "/spread/0"])
+        .args([
+            "decommission",
+            "a",
+            "--endpoints",
+            &etcd.url(),
+            "--prefix",
+            "/spread/0",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&again.to_string()), "{text}");
     assert_eq!(owner(&etcd, "/spread/0", again), None);
     let c = rt.block_on(etcd::claim(&s, "c", keys[2], overlay)).unwrap();
     assert_eq!(c, again);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(["decommission", "nobody", "--endpoints", &etcd.url(), "--prefix", "/spread/0"])
+        .args([
+            "decommission",
+            "nobody",
+            "--endpoints",
+            &etcd.url(),
+            "--prefix",
+            "/spread/0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -166,7 +190,11 @@ fn bed_with_etcd(tag: &str, hosts: usize) -> (Testbed, Etcd) {
 
 fn store_status(bed: &Testbed, i: usize) -> StoreStatus {
     let out = bed.meshctl(i, &["store", "--json"]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -193,15 +221,27 @@ fn wait_converged(bed: &Testbed, of: &[usize]) {
         })
     });
     let views: Vec<_> = of.iter().map(|&i| peer_names(bed, i)).collect();
-    assert!(ok, "membership did not converge: {views:?}\n{}", bed.log(of[0]));
+    assert!(
+        ok,
+        "membership did not converge: {views:?}\n{}",
+        bed.log(of[0])
+    );
 }
 
 fn ping_all(bed: &Testbed, of: &[usize]) {
     for &i in of {
         for &j in of.iter().filter(|&&j| j != i) {
             let to = address(bed, j);
-            let ok = wait_until(Duration::from_secs(15), || bed.ping(i, to, 1).unwrap_or(false));
-            assert!(ok, "{} cannot ping {} ({to})\n{}", bed.hosts[i].name, bed.hosts[j].name, bed.log(i));
+            let ok = wait_until(Duration::from_secs(15), || {
+                bed.ping(i, to, 1).unwrap_or(false)
+            });
+            assert!(
+                ok,
+                "{} cannot ping {} ({to})\n{}",
+                bed.hosts[i].name,
+                bed.hosts[j].name,
+                bed.log(i)
+            );
         }
     }
 }
@@ -217,8 +257,18 @@ fn three_hosts_with_no_peers_and_no_subnet_find_each_other_ping_and_resolve() {
     // Names travel over the mesh's records sync to every etcd-found peer.
     let h2 = address(&bed, 1).to_string();
     let ok = wait_until(Duration::from_secs(15), || {
-        bed.exec(0, &["dig", "+short", "+time=1", "+tries=1", "@169.254.169.250", "h2.hosts.mesh.internal"])
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == h2)
+        bed.exec(
+            0,
+            &[
+                "dig",
+                "+short",
+                "+time=1",
+                "+tries=1",
+                "@169.254.169.250",
+                "h2.hosts.mesh.internal",
+            ],
+        )
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == h2)
     });
     assert!(ok, "h1 does not resolve h2 to {h2}");
     let s = store_status(&bed, 0);
@@ -244,7 +294,17 @@ fn three_hosts_with_no_peers_and_no_subnet_find_each_other_ping_and_resolve() {
 /// A ping loop from host `i` to `to` in the background: (child, count).
 fn ping_loop(bed: &Testbed, i: usize, to: Ipv4Addr, count: u32) -> std::process::Child {
     std::process::Command::new("ip")
-        .args(["netns", "exec", &bed.hosts[i].ns, "ping", "-q", "-i", "0.5", "-W", "1"])
+        .args([
+            "netns",
+            "exec",
+            &bed.hosts[i].ns,
+            "ping",
+            "-q",
+            "-i",
+            "0.5",
+            "-W",
+            "1",
+        ])
         .args(["-c", &count.to_string(), &to.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -256,10 +316,18 @@ fn ping_loop(bed: &Testbed, i: usize, to: Ipv4Addr, count: u32) -> std::process:
 fn ping_result(child: std::process::Child) -> (u32, u32) {
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.contains("received")).unwrap_or_default().to_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("received"))
+        .unwrap_or_default()
+        .to_owned();
     let num = |word: &str| -> u32 {
         let before = line.split(word).next().unwrap_or_default();
-        before.split_whitespace().last().and_then(|n| n.parse().ok()).unwrap_or(0)
+        before
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
     };
     (num(" packets transmitted"), num(" received"))
 }
@@ -291,7 +359,11 @@ fn etcd_down_two_minutes_traffic_goes_on_then_a_fourth_host_joins() {
     bed.stop(1).unwrap();
     bed.start(1).unwrap();
     assert_eq!(bed.status(1).unwrap().subnet, h2_block);
-    assert!(bed.log(1).contains("running from the last snapshot"), "{}", bed.log(1));
+    assert!(
+        bed.log(1).contains("running from the last snapshot"),
+        "{}",
+        bed.log(1)
+    );
     wait_converged(&bed, &[0, 1, 2]);
     ping_all(&bed, &[0, 1, 2]);
     let s = store_status(&bed, 0);
@@ -306,7 +378,12 @@ fn etcd_down_two_minutes_traffic_goes_on_then_a_fourth_host_joins() {
             let s = store_status(&bed, i);
             s.connected && s.last_error.is_none()
         });
-        assert!(ok, "{} did not reconnect: {:?}", bed.hosts[i].name, store_status(&bed, i));
+        assert!(
+            ok,
+            "{} did not reconnect: {:?}",
+            bed.hosts[i].name,
+            store_status(&bed, i)
+        );
     }
     for (name, child) in [("h1 -> h3", to_h3), ("h3 -> h1", to_h1)] {
         let (sent, received) = ping_result(child);
@@ -314,7 +391,10 @@ fn etcd_down_two_minutes_traffic_goes_on_then_a_fourth_host_joins() {
         assert!(sent >= pings - 1, "{name}: ping loop cut short ({sent})");
         // Every ping every half second answered, but allow a couple for a
         // debug build on a loaded 2-core machine.
-        assert!(received + 2 >= sent, "{name}: traffic stopped: {received}/{sent}");
+        assert!(
+            received + 2 >= sent,
+            "{name}: traffic stopped: {received}/{sent}"
+        );
     }
 }
 
@@ -339,36 +419,74 @@ fn compaction_while_disconnected_relists_and_converges_with_one_log_line() {
     etcd.ctl_ok(&[
         "put",
         "/meshnet/v1/hosts/ghost",
-        &format!(r#"{{"public_key":"{ghost_key}","endpoints":["192.0.2.99:51820"],"block":"{block}"}}"#),
+        &format!(
+            r#"{{"public_key":"{ghost_key}","endpoints":["192.0.2.99:51820"],"block":"{block}"}}"#
+        ),
     ])
     .unwrap();
-    let ok = wait_until(Duration::from_secs(10), || peer_names(&bed, 1).contains("ghost"));
+    let ok = wait_until(Duration::from_secs(10), || {
+        peer_names(&bed, 1).contains("ghost")
+    });
     assert!(ok, "h2 never saw ghost");
     // Cut h2 off from etcd (the mesh underlay stays).
     let etcd_ip = bed.hosts[2].underlay.to_string();
     let cut = ["route", "add", "blackhole", &format!("{etcd_ip}/32")];
-    assert!(bed.exec(1, &["ip"].iter().chain(cut.iter()).copied().collect::<Vec<_>>()).unwrap().status.success());
+    assert!(
+        bed.exec(
+            1,
+            &["ip"].iter().chain(cut.iter()).copied().collect::<Vec<_>>()
+        )
+        .unwrap()
+        .status
+        .success()
+    );
     let ok = wait_until(Duration::from_secs(30), || !store_status(&bed, 1).connected);
     assert!(ok, "h2 never noticed it was cut off");
     etcd.ctl_ok(&["del", "/meshnet/v1/hosts/ghost"]).unwrap();
-    etcd.ctl_ok(&["del", "/meshnet/v1/blocks/10.42.200.0-24"]).unwrap();
+    etcd.ctl_ok(&["del", "/meshnet/v1/blocks/10.42.200.0-24"])
+        .unwrap();
     for n in 0..20 {
-        etcd.ctl_ok(&["put", "/meshnet/v1/churn", &n.to_string()]).unwrap();
+        etcd.ctl_ok(&["put", "/meshnet/v1/churn", &n.to_string()])
+            .unwrap();
     }
     etcd.compact().unwrap();
-    assert!(peer_names(&bed, 1).contains("ghost"), "nothing is removed on a connection error");
+    assert!(
+        peer_names(&bed, 1).contains("ghost"),
+        "nothing is removed on a connection error"
+    );
     let heal = ["route", "del", "blackhole", &format!("{etcd_ip}/32")];
-    assert!(bed.exec(1, &["ip"].iter().chain(heal.iter()).copied().collect::<Vec<_>>()).unwrap().status.success());
+    assert!(
+        bed.exec(
+            1,
+            &["ip"]
+                .iter()
+                .chain(heal.iter())
+                .copied()
+                .collect::<Vec<_>>()
+        )
+        .unwrap()
+        .status
+        .success()
+    );
     let ok = wait_until(Duration::from_secs(40), || {
         let s = store_status(&bed, 1);
         s.connected && s.relists == 1 && !peer_names(&bed, 1).contains("ghost")
     });
-    assert!(ok, "h2 did not re-list: {:?}\n{}", store_status(&bed, 1), bed.log(1));
+    assert!(
+        ok,
+        "h2 did not re-list: {:?}\n{}",
+        store_status(&bed, 1),
+        bed.log(1)
+    );
     wait_converged(&bed, &[0, 1]);
     // Stays settled: no watch loop on the compacted revision.
     std::thread::sleep(Duration::from_secs(3));
     let log = bed.log(1);
-    assert_eq!(log.matches("etcd compacted the watched history").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("etcd compacted the watched history").count(),
+        1,
+        "{log}"
+    );
     assert_eq!(store_status(&bed, 1).relists, 1);
     ping_all(&bed, &[0, 1]);
 }

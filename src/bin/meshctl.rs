@@ -259,7 +259,11 @@ fn decommission(
     let blocks: Vec<String> = freed.iter().map(ToString::to_string).collect();
     println!(
         "decommissioned {name}: freed {}",
-        if blocks.is_empty() { "no block".to_owned() } else { blocks.join(", ") }
+        if blocks.is_empty() {
+            "no block".to_owned()
+        } else {
+            blocks.join(", ")
+        }
     );
     Ok(())
 }

@@ -105,7 +105,8 @@ async fn start_store(
     watch::Receiver<Membership>,
     watch::Receiver<meshnet::store::StoreReport>,
 )> {
-    let started = meshnet::store::etcd::start(meshnet::store::etcd::Member::of(config), store).await?;
+    let started =
+        meshnet::store::etcd::start(meshnet::store::etcd::Member::of(config), store).await?;
     config.subnet = started.block;
     config.overlay = started.cluster.overlay;
     Ok((started.membership, started.report))

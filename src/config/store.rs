@@ -135,7 +135,10 @@ impl Validator<'_> {
             return Err(self.error(
                 p.span(),
                 "store.prefix",
-                format!("{:?} is not a key prefix such as \"/meshnet/v1\"", p.get_ref()),
+                format!(
+                    "{:?} is not a key prefix such as \"/meshnet/v1\"",
+                    p.get_ref()
+                ),
             ));
         }
         Ok(text.to_owned())

@@ -480,14 +480,54 @@ mod store_table {
         let head = format!("{BASE}listen = \"192.0.2.7:51820\"\n[store]\n");
         let ep = "endpoints = [\"http://127.0.0.1:2379\"]\n";
         let cases = [
-            (format!("{head}kind = \"consul\"\n{ep}"), 5, "store.kind", "unknown store"),
-            (format!("{head}kind = \"etcd\"\nendpoints = []\n"), 6, "store.endpoints", "at least one"),
-            (format!("{head}kind = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]\n"), 6, "store.endpoints", "not a URL"),
-            (format!("{head}kind = \"etcd\"\n{ep}prefix = \"meshnet\"\n"), 7, "store.prefix", "not a key prefix"),
-            (format!("{head}kind = \"etcd\"\n{ep}block_prefix = 8\n"), 7, "store.block_prefix", "/16../30"),
-            (format!("{head}kind = \"etcd\"\n{ep}lease_ttl = 2\n"), 7, "store.lease_ttl", "10-600"),
-            (format!("{head}kind = \"etcd\"\n{ep}advertise = \"0.0.0.0:1\"\n"), 7, "store.advertise", "real address"),
-            (format!("{head}kind = \"etcd\"\n{ep}cert_file = \"c.pem\"\n"), 7, "store.cert_file", "go together"),
+            (
+                format!("{head}kind = \"consul\"\n{ep}"),
+                5,
+                "store.kind",
+                "unknown store",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\nendpoints = []\n"),
+                6,
+                "store.endpoints",
+                "at least one",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]\n"),
+                6,
+                "store.endpoints",
+                "not a URL",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}prefix = \"meshnet\"\n"),
+                7,
+                "store.prefix",
+                "not a key prefix",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}block_prefix = 8\n"),
+                7,
+                "store.block_prefix",
+                "/16../30",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}lease_ttl = 2\n"),
+                7,
+                "store.lease_ttl",
+                "10-600",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}advertise = \"0.0.0.0:1\"\n"),
+                7,
+                "store.advertise",
+                "real address",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}cert_file = \"c.pem\"\n"),
+                7,
+                "store.cert_file",
+                "go together",
+            ),
         ];
         for (text, line, key, needle) in cases {
             let e = f.err(&text);

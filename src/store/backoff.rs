@@ -26,7 +26,9 @@ impl Backoff {
             .unwrap_or(MAX)
             .min(MAX);
         self.failures = self.failures.saturating_add(1).min(31);
-        let half = u64::try_from(cap.as_millis() / 2).unwrap_or(u64::MAX).max(1);
+        let half = u64::try_from(cap.as_millis() / 2)
+            .unwrap_or(u64::MAX)
+            .max(1);
         Duration::from_millis(half + random % (half + 1))
     }
 

@@ -31,17 +31,25 @@ pub enum Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClaimError {
-    #[error("block {block} is owned by host {owner:?}; pick another subnet or run `meshctl decommission {owner}`")]
+    #[error(
+        "block {block} is owned by host {owner:?}; pick another subnet or run `meshctl decommission {owner}`"
+    )]
     OwnedByOther { block: Ipv4Net, owner: String },
-    #[error("this host already owns block {owned}; to move it to {requested}, run `meshctl decommission {name}` first")]
+    #[error(
+        "this host already owns block {owned}; to move it to {requested}, run `meshctl decommission {name}` first"
+    )]
     OwnsAnother {
         name: String,
         owned: Ipv4Net,
         requested: Ipv4Net,
     },
-    #[error("block {block} is registered to host name {name:?} with another public key; a new key needs `meshctl decommission {name}` first")]
+    #[error(
+        "block {block} is registered to host name {name:?} with another public key; a new key needs `meshctl decommission {name}` first"
+    )]
     NameHasOtherKey { name: String, block: Ipv4Net },
-    #[error("subnet {requested} does not fit the cluster: blocks are /{block_prefix} inside {overlay}")]
+    #[error(
+        "subnet {requested} does not fit the cluster: blocks are /{block_prefix} inside {overlay}"
+    )]
     WrongShape {
         requested: Ipv4Net,
         overlay: Ipv4Net,
@@ -73,7 +81,9 @@ impl Grid {
     }
 
     pub fn nth(&self, i: u32) -> Ipv4Net {
-        let size = 1u32.checked_shl(32 - u32::from(self.block_prefix)).unwrap_or(0);
+        let size = 1u32
+            .checked_shl(32 - u32::from(self.block_prefix))
+            .unwrap_or(0);
         let base = u32::from(self.overlay.network());
         let addr = Ipv4Addr::from(base.wrapping_add(i.wrapping_mul(size)));
         Ipv4Net::new(addr, self.block_prefix).unwrap_or(self.overlay)
@@ -188,7 +198,10 @@ mod tests {
         let g = grid();
         let first = g.walk_from("h1").next().unwrap();
         let mut blocks = BTreeMap::new();
-        assert_eq!(plan(&blocks, "h1", PublicKey::from([1; 32]), None, g), Ok(Plan::Claim(first)));
+        assert_eq!(
+            plan(&blocks, "h1", PublicKey::from([1; 32]), None, g),
+            Ok(Plan::Claim(first))
+        );
         blocks.insert(first, owner("h9", 9));
         let Ok(Plan::Claim(next)) = plan(&blocks, "h1", PublicKey::from([1; 32]), None, g) else {
             panic!("expected a claim");
@@ -220,7 +233,10 @@ mod tests {
         let g = grid();
         let b: Ipv4Net = "10.42.7.0/24".parse().unwrap();
         let k = PublicKey::from([3; 32]);
-        assert_eq!(plan(&BTreeMap::new(), "h3", k, Some(b), g), Ok(Plan::Claim(b)));
+        assert_eq!(
+            plan(&BTreeMap::new(), "h3", k, Some(b), g),
+            Ok(Plan::Claim(b))
+        );
         let blocks = BTreeMap::from([(b, owner("h1", 1))]);
         let err = plan(&blocks, "h3", k, Some(b), g).unwrap_err();
         assert!(err.to_string().contains("owned by host \"h1\""), "{err}");

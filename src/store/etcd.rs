@@ -167,7 +167,11 @@ fn restore(store: &StoreConfig, own: &Own, why: &str) -> Result<Session, StoreEr
 
 /// Connects, settles the cluster record, claims or keeps a block, and
 /// registers this host on a fresh lease.
-async fn join(store: &StoreConfig, own: &Own, wanted: ClusterRecord) -> Result<Session, StoreError> {
+async fn join(
+    store: &StoreConfig,
+    own: &Own,
+    wanted: ClusterRecord,
+) -> Result<Session, StoreError> {
     let layout = Layout::new(&store.prefix);
     let mut client = connect(store).await?;
     let cluster = settle_cluster(&mut client, store, &layout, wanted).await?;
@@ -180,9 +184,17 @@ async fn join(store: &StoreConfig, own: &Own, wanted: ClusterRecord) -> Result<S
     let mut view = View::default();
     let mut block = None;
     for _ in 0..claim::MAX_CLAIM_ATTEMPTS {
-        let listing = call(store, client.get(layout.root(), Some(GetOptions::new().with_prefix()))).await?;
+        let listing = call(
+            store,
+            client.get(layout.root(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
         let revision = listing.header().map_or(0, |h| h.revision());
-        view.relist(&layout, listing.kvs().iter().map(|kv| (kv.key(), kv.value())), revision);
+        view.relist(
+            &layout,
+            listing.kvs().iter().map(|kv| (kv.key(), kv.value())),
+            revision,
+        );
         let plan = claim::plan(&view.blocks, &own.name, own.key, store.requested, grid)?;
         if try_register(&mut client, store, &layout, own, plan, lease).await? {
             block = Some(plan);
@@ -348,7 +360,13 @@ struct Session {
 }
 
 impl Session {
-    fn new(store: StoreConfig, own: Own, block: Ipv4Net, cluster: ClusterRecord, view: View) -> Self {
+    fn new(
+        store: StoreConfig,
+        own: Own,
+        block: Ipv4Net,
+        cluster: ClusterRecord,
+        view: View,
+    ) -> Self {
         Self {
             layout: Layout::new(&store.prefix),
             store,
@@ -411,7 +429,9 @@ impl Session {
         if let Err(e) = self.register(&mut client).await {
             return e;
         }
-        let Some(lease) = self.lease else { return StoreError::LeaseLost };
+        let Some(lease) = self.lease else {
+            return StoreError::LeaseLost;
+        };
         let (mut keeper, mut kept) = match call(&self.store, client.lease_keep_alive(lease)).await {
             Ok(k) => k,
             Err(e) => return e,
@@ -486,15 +506,32 @@ impl Session {
         let lease = match self.lease {
             Some(l) => l,
             None => {
-                let l = call(&self.store, client.lease_grant(i64::from(self.store.lease_ttl), None)).await?;
+                let l = call(
+                    &self.store,
+                    client.lease_grant(i64::from(self.store.lease_ttl), None),
+                )
+                .await?;
                 self.lease = Some(l.id());
                 l.id()
             }
         };
-        self.lease_expires = Some(Instant::now() + Duration::from_secs(u64::from(self.store.lease_ttl)));
+        self.lease_expires =
+            Some(Instant::now() + Duration::from_secs(u64::from(self.store.lease_ttl)));
         let store = self.store.clone();
-        let kept = try_register(client, &store, &self.layout, &self.own, Plan::Keep(self.block), lease).await?;
-        if kept { Ok(()) } else { Err(StoreError::NotOwner(self.block)) }
+        let kept = try_register(
+            client,
+            &store,
+            &self.layout,
+            &self.own,
+            Plan::Keep(self.block),
+            lease,
+        )
+        .await?;
+        if kept {
+            Ok(())
+        } else {
+            Err(StoreError::NotOwner(self.block))
+        }
     }
 
     /// Watches from the view's revision + 1; a view that never listed
@@ -552,7 +589,10 @@ impl Session {
         for e in resp.events() {
             let Some(kv) = e.kv() else { continue };
             let event = match e.event_type() {
-                EventType::Put => Event::Put { key: kv.key(), value: kv.value() },
+                EventType::Put => Event::Put {
+                    key: kv.key(),
+                    value: kv.value(),
+                },
                 EventType::Delete => {
                     own_deleted |= kv.key() == own_key.as_bytes();
                     Event::Delete { key: kv.key() }
@@ -579,7 +619,11 @@ impl Session {
             tx.send_if_modified(|m| {
                 let differs = *m != fresh;
                 if differs {
-                    tracing::info!(peers = fresh.peers.len(), revision = self.view.revision, "membership from etcd changed");
+                    tracing::info!(
+                        peers = fresh.peers.len(),
+                        revision = self.view.revision,
+                        "membership from etcd changed"
+                    );
                     *m = fresh;
                 }
                 differs
@@ -624,8 +668,11 @@ impl Session {
             block: self.block,
             view,
         };
-        let Some(path) = self.own.snapshot.clone() else { return };
-        let written = tokio::task::spawn_blocking(move || write_atomically(&path, &snap.encode())).await;
+        let Some(path) = self.own.snapshot.clone() else {
+            return;
+        };
+        let written =
+            tokio::task::spawn_blocking(move || write_atomically(&path, &snap.encode())).await;
         if let Ok(Err(e)) = written {
             tracing::warn!(error = %e, "cannot write the store snapshot");
         }
@@ -657,7 +704,11 @@ pub async fn decommission(store: &StoreConfig, name: &str) -> Result<Vec<Ipv4Net
     let layout = Layout::new(&store.prefix);
     let mut client = connect(store).await?;
     for _ in 0..claim::MAX_CLAIM_ATTEMPTS {
-        let listing = call(store, client.get(layout.root(), Some(GetOptions::new().with_prefix()))).await?;
+        let listing = call(
+            store,
+            client.get(layout.root(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
         let mut compares = Vec::new();
         let mut deletes = Vec::new();
         let mut freed = Vec::new();
@@ -666,7 +717,8 @@ pub async fn decommission(store: &StoreConfig, name: &str) -> Result<Vec<Ipv4Net
         for kv in listing.kvs() {
             match layout.parse(kv.key()) {
                 Some(layout::Key::Block(b))
-                    if layout::decode::<BlockRecord>(kv.value()).is_some_and(|o| o.owner == name) =>
+                    if layout::decode::<BlockRecord>(kv.value())
+                        .is_some_and(|o| o.owner == name) =>
                 {
                     compares.push(Compare::value(kv.key(), CompareOp::Equal, kv.value()));
                     deletes.push(TxnOp::delete(kv.key(), None));

@@ -145,7 +145,10 @@ mod tests {
         let b: Ipv4Net = "10.42.7.0/24".parse().unwrap();
         assert_eq!(l.block(b), "/meshnet/v1/blocks/10.42.7.0-24");
         assert_eq!(l.parse(l.block(b).as_bytes()), Some(Key::Block(b)));
-        assert_eq!(l.parse(b"/meshnet/v1/hosts/h1"), Some(Key::Host("h1".into())));
+        assert_eq!(
+            l.parse(b"/meshnet/v1/hosts/h1"),
+            Some(Key::Host("h1".into()))
+        );
         assert_eq!(l.parse(b"/meshnet/v1/config"), Some(Key::Config));
     }
 

@@ -67,7 +67,9 @@ impl View {
     fn put(&mut self, key: Option<Key>, value: &[u8]) {
         let ok = match key {
             None => true,
-            Some(Key::Config) => layout::decode(value).map(|c| self.cluster = Some(c)).is_some(),
+            Some(Key::Config) => layout::decode(value)
+                .map(|c| self.cluster = Some(c))
+                .is_some(),
             Some(Key::Host(name)) => layout::decode(value)
                 .map(|h| self.hosts.insert(name, h))
                 .is_some(),
@@ -241,8 +243,14 @@ mod tests {
         assert_eq!(v.revision, 15);
         let m = v.membership("h1", own(), None);
         assert_eq!(names(&m), ["h2", "h3"]);
-        assert_eq!(m.peers[0].subnet, "10.42.2.0/24".parse::<Ipv4Net>().unwrap());
-        assert_eq!(m.peers[0].endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+        assert_eq!(
+            m.peers[0].subnet,
+            "10.42.2.0/24".parse::<Ipv4Net>().unwrap()
+        );
+        assert_eq!(
+            m.peers[0].endpoint,
+            Some("192.0.2.2:51820".parse().unwrap())
+        );
     }
 
     #[test]
@@ -264,7 +272,13 @@ mod tests {
     #[test]
     fn lease_expiry_removes_the_peer_but_the_block_stays_owned() {
         let mut v = three();
-        v.apply(&l(), Event::Delete { key: b"/meshnet/v1/hosts/h2" }, 30);
+        v.apply(
+            &l(),
+            Event::Delete {
+                key: b"/meshnet/v1/hosts/h2",
+            },
+            30,
+        );
         assert_eq!(names(&v.membership("h1", own(), None)), ["h3"]);
         assert_eq!(v.blocks.len(), 3, "liveness is not ownership");
         assert_eq!(v.revision, 30);

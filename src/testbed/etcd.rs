@@ -68,7 +68,10 @@ impl Etcd {
         ensure!(self.child.is_none(), "etcd already runs");
         let peer = format!("http://{}:{}", self.ip, self.peer_port);
         let dir = self.data.path().join("data");
-        let log = std::fs::File::options().create(true).append(true).open(&self.log)?;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let mut cmd = self.command("etcd");
         cmd.args(["--name", "t", "--data-dir"])
             .arg(&dir)
@@ -82,10 +85,16 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.child = Some(cmd.spawn().context("starting etcd (apt-get install etcd-server)")?);
+        self.child = Some(
+            cmd.spawn()
+                .context("starting etcd (apt-get install etcd-server)")?,
+        );
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
-            if self.ctl(&["endpoint", "health"]).is_ok_and(|o| o.status.success()) {
+            if self
+                .ctl(&["endpoint", "health"])
+                .is_ok_and(|o| o.status.success())
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -127,9 +136,20 @@ impl Etcd {
 
     /// The current revision of the store.
     pub fn revision(&self) -> Result<i64> {
-        let out = self.ctl_ok(&["get", "/", "--prefix", "--keys-only", "--limit", "1", "-w", "json"])?;
+        let out = self.ctl_ok(&[
+            "get",
+            "/",
+            "--prefix",
+            "--keys-only",
+            "--limit",
+            "1",
+            "-w",
+            "json",
+        ])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        v["header"]["revision"].as_i64().context("no revision in etcdctl output")
+        v["header"]["revision"]
+            .as_i64()
+            .context("no revision in etcdctl output")
     }
 
     /// Compacts the history up to the current revision.
@@ -186,7 +206,9 @@ pub fn use_store(bed: &Testbed, i: usize, url: &str, extra: &str) -> Result<()> 
 }
 
 fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }
 
 fn which(tool: &str) -> Result<()> {
