@@ -17,7 +17,7 @@ use meshnet::store::etcd::{self, Member, Started};
 use meshnet::testbed::etcd::Etcd;
 
 /// Joins in flight at once: a fleet booting together, bounded.
-const JOIN_BATCH: usize = 50;
+const JOIN_BATCH: usize = 20;
 
 fn main() -> Result<()> {
     let hosts: usize = std::env::args()
@@ -36,6 +36,7 @@ fn main() -> Result<()> {
         advertise: "192.0.2.1:51820".parse()?,
         requested: None,
         lease_ttl: 45,
+        keepalive: None,
         tls: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()

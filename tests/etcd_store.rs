@@ -38,6 +38,7 @@ fn store(url: &str, prefix: &str) -> StoreConfig {
         advertise: "192.0.2.1:51820".parse().unwrap(),
         requested: None,
         lease_ttl: 30,
+        keepalive: None,
         tls: None,
     }
 }

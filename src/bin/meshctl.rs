@@ -249,6 +249,7 @@ fn decommission(
             advertise: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             requested: None,
             lease_ttl: meshnet::config::store_defaults::LEASE_TTL,
+            keepalive: None,
             tls: None,
         },
     };

@@ -9,6 +9,7 @@
 //! block_prefix = 24           # default; the first host writes it to etcd
 //! advertise = "192.0.2.7:51820"  # default: `listen` when it names an address
 //! lease_ttl = 45              # seconds, default
+//! keepalive = 25              # toward every peer; default off
 //! ca_file = "etcd-ca.pem"     # optional TLS; cert_file + key_file for mTLS
 //! ```
 //! Must never: touch the network; this only validates.
@@ -37,6 +38,9 @@ pub struct StoreConfig {
     /// The configured `subnet`, if any: claimed if free, an error if owned.
     pub requested: Option<Ipv4Net>,
     pub lease_ttl: u16,
+    /// Persistent keepalive toward every peer from the store, as
+    /// `[[peer]] keepalive`.
+    pub keepalive: Option<u16>,
     pub tls: Option<TlsFiles>,
 }
 
@@ -57,6 +61,7 @@ pub(super) struct RawStore {
     block_prefix: Option<Spanned<i64>>,
     advertise: Option<Spanned<String>>,
     lease_ttl: Option<Spanned<i64>>,
+    keepalive: Option<Spanned<i64>>,
     ca_file: Option<Spanned<String>>,
     cert_file: Option<Spanned<String>>,
     key_file: Option<Spanned<String>>,
@@ -94,6 +99,12 @@ impl Validator<'_> {
                 .ok_or_else(|| self.error(t.span(), "store.lease_ttl", "seconds, 10-600"))?,
             None => DEFAULT_LEASE_TTL,
         };
+        let keepalive = raw
+            .keepalive
+            .as_ref()
+            .map(|k| self.keepalive(k, "store.keepalive"))
+            .transpose()?
+            .flatten();
         Ok(StoreConfig {
             endpoints,
             prefix,
@@ -101,6 +112,7 @@ impl Validator<'_> {
             advertise,
             requested,
             lease_ttl,
+            keepalive,
             tls: self.tls(raw)?,
         })
     }

@@ -460,7 +460,7 @@ mod store_table {
         let c = f
             .parse(&format!(
                 "{BASE}subnet = \"10.42.9.0/24\"\n[store]\nkind = \"etcd\"\nendpoints = [\"https://e1:2379\", \"https://e2:2379\"]\n\
-                 prefix = \"/x/\"\nblock_prefix = 24\nadvertise = \"192.0.2.7:51820\"\nlease_ttl = 30\n\
+                 prefix = \"/x/\"\nblock_prefix = 24\nadvertise = \"192.0.2.7:51820\"\nlease_ttl = 30\nkeepalive = 25\n\
                  ca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n"
             ))
             .unwrap();
@@ -468,6 +468,7 @@ mod store_table {
         assert_eq!(s.requested, Some("10.42.9.0/24".parse().unwrap()));
         assert_eq!(c.subnet, "10.42.9.0/24".parse::<Ipv4Net>().unwrap());
         assert_eq!(s.prefix, "/x");
+        assert_eq!(s.keepalive, Some(25));
         assert_eq!(s.endpoints.len(), 2);
         let tls = s.tls.unwrap();
         assert_eq!(tls.ca_file, Some(f.dir.path().join("ca.pem")));

@@ -62,8 +62,8 @@ pub enum StoreError {
     RecordLost,
     #[error("the watch stream closed")]
     WatchClosed,
-    #[error("etcd is unreachable and {} holds no snapshot to start from", .0.display())]
-    NoSnapshot(PathBuf),
+    #[error("etcd is unreachable ({reason}) and {} holds no snapshot to start from", .path.display())]
+    NoSnapshot { path: PathBuf, reason: String },
     #[error("no host {0:?} and no block owned by it in etcd")]
     UnknownHost(String),
 }
@@ -148,11 +148,15 @@ pub async fn start(member: Member, store: &StoreConfig) -> Result<Started, Store
 /// The starting point when etcd cannot be reached: the last snapshot.
 fn restore(store: &StoreConfig, own: &Own, why: &str) -> Result<Session, StoreError> {
     let path = own.snapshot.clone().unwrap_or_default();
+    let none = || StoreError::NoSnapshot {
+        path: path.clone(),
+        reason: why.to_owned(),
+    };
     let snap = std::fs::read(&path)
         .ok()
         .and_then(|b| Snapshot::decode(&b, &own.name))
-        .ok_or_else(|| StoreError::NoSnapshot(path.clone()))?;
-    let cluster = snap.view.cluster.ok_or(StoreError::NoSnapshot(path))?;
+        .ok_or_else(none)?;
+    let cluster = snap.view.cluster.ok_or_else(none)?;
     tracing::warn!(
         reason = why,
         block = %snap.block,
@@ -269,11 +273,7 @@ async fn try_register(
         owner: own.name.clone(),
         public_key: own.key,
     });
-    let host = layout::encode(&HostRecord {
-        public_key: own.key,
-        endpoints: vec![store.advertise],
-        block,
-    });
+    let host = host_value(store, own, block);
     let put_host = TxnOp::put(
         layout.host(&own.name),
         host,
@@ -289,6 +289,14 @@ async fn try_register(
             .and_then([put_host]),
     };
     Ok(call(store, client.txn(txn)).await?.succeeded())
+}
+
+fn host_value(store: &StoreConfig, own: &Own, block: Ipv4Net) -> Vec<u8> {
+    layout::encode(&HostRecord {
+        public_key: own.key,
+        endpoints: vec![store.advertise],
+        block,
+    })
 }
 
 fn first_get(resp: &etcd_client::TxnResponse) -> Option<Vec<u8>> {
@@ -387,8 +395,12 @@ impl Session {
     }
 
     fn membership(&self) -> Membership {
-        self.view
-            .membership(&self.own.name, self.block, self.own.psk.as_ref())
+        self.view.membership(
+            &self.own.name,
+            self.block,
+            self.own.psk.as_ref(),
+            self.store.keepalive,
+        )
     }
 
     /// Reconnects forever with jittered backoff; each pass runs one
@@ -517,6 +529,22 @@ impl Session {
         };
         self.lease_expires =
             Some(Instant::now() + Duration::from_secs(u64::from(self.store.lease_ttl)));
+        // A record already there on this lease is left alone: after an etcd
+        // restart a thousand hosts reconnect, and a put each would send a
+        // million events to the watchers.
+        let current = call(
+            &self.store,
+            client.get(self.layout.host(&self.own.name), None),
+        )
+        .await?;
+        let wanted = host_value(&self.store, &self.own, self.block);
+        if current
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.lease() == lease && kv.value() == wanted.as_slice())
+        {
+            return Ok(());
+        }
         let store = self.store.clone();
         let kept = try_register(
             client,

@@ -124,6 +124,7 @@ impl View {
         own: &str,
         own_block: Ipv4Net,
         psk: Option<&PresharedKey>,
+        keepalive: Option<u16>,
     ) -> Membership {
         let peers = self
             .hosts
@@ -142,7 +143,7 @@ impl View {
                 public_key: h.public_key,
                 endpoint: h.endpoints.first().copied(),
                 subnet: h.block,
-                keepalive: None,
+                keepalive,
                 preshared_key: psk.cloned(),
             })
             .collect();
@@ -241,7 +242,7 @@ mod tests {
     fn hosts_with_matching_block_owners_become_peers_except_self() {
         let v = three();
         assert_eq!(v.revision, 15);
-        let m = v.membership("h1", own(), None);
+        let m = v.membership("h1", own(), None, None);
         assert_eq!(names(&m), ["h2", "h3"]);
         assert_eq!(
             m.peers[0].subnet,
@@ -266,7 +267,7 @@ mod tests {
         // A host claiming this host's own block.
         let h5 = host(5, "10.42.1.0/24");
         v.apply(&l, put("/meshnet/v1/hosts/h5", &h5), 22);
-        assert_eq!(names(&v.membership("h1", own(), None)), ["h2"]);
+        assert_eq!(names(&v.membership("h1", own(), None, None)), ["h2"]);
     }
 
     #[test]
@@ -279,7 +280,7 @@ mod tests {
             },
             30,
         );
-        assert_eq!(names(&v.membership("h1", own(), None)), ["h3"]);
+        assert_eq!(names(&v.membership("h1", own(), None, None)), ["h3"]);
         assert_eq!(v.blocks.len(), 3, "liveness is not ownership");
         assert_eq!(v.revision, 30);
     }
@@ -319,7 +320,7 @@ mod tests {
         assert_eq!(diff.removed, ["h2"]);
         assert_eq!(diff.added, ["h4"]);
         assert_eq!(v.revision, 99);
-        assert_eq!(names(&v.membership("h1", own(), None)), ["h3", "h4"]);
+        assert_eq!(names(&v.membership("h1", own(), None, None)), ["h3", "h4"]);
     }
 
     #[test]
