@@ -73,7 +73,7 @@ async fn simulate(hosts: usize, store: &StoreConfig, etcd_pid: u32) -> Result<()
             };
             fleet.push(started);
         }
-        if fleet.len() % 100 == 0 {
+        if fleet.len().is_multiple_of(100) {
             eprintln!(
                 "{} joined after {:.1} s",
                 fleet.len(),
