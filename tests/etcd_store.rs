@@ -138,11 +138,19 @@ fn hosts_without_a_subnet_racing_get_distinct_blocks_and_decommission_frees_one(
     // A lost lease never costs a host its block: revoke every lease (the
     // host records go), and a's next join keeps the same block.
     let leases = etcd.ctl_ok(&["lease", "list"]).unwrap();
-    for id in leases.lines().skip(1).map(str::trim).filter(|l| !l.is_empty()) {
+    for id in leases
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
         etcd.ctl_ok(&["lease", "revoke", id]).unwrap();
     }
     let host_a = etcd.ctl_ok(&["get", "/spread/0/hosts/a"]).unwrap();
-    assert!(host_a.trim().is_empty(), "the host record went with its lease");
+    assert!(
+        host_a.trim().is_empty(),
+        "the host record went with its lease"
+    );
     assert_eq!(owner(&etcd, "/spread/0", again).as_deref(), Some("a"));
     let back = rt.block_on(etcd::claim(&s, "a", keys[0], overlay)).unwrap();
     assert_eq!(back, again);
