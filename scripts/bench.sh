@@ -18,6 +18,7 @@ command -v gotatun >/dev/null || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/gotatun" 
     cargo install --locked gotatun-cli --version 0.10.2
 command -v boringtun-cli >/dev/null || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/boringtun-cli" ] ||
     cargo install --locked boringtun-cli --version 0.7.1
+scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go protobuf-compiler libprotobuf-dev
 cargo bench --bench encap
 cargo bench --bench netns
 cargo bench --bench flood

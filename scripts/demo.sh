@@ -7,6 +7,7 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/demo.sh: creating network namespaces needs root; run it as root" >&2
     exit 1
 fi
-scripts/deps.sh iproute2 iputils-ping dnsutils nftables
+# protobuf-compiler, libprotobuf-dev: the default `etcd` feature runs protoc.
+scripts/deps.sh iproute2 iputils-ping dnsutils nftables protobuf-compiler libprotobuf-dev
 cargo build --release --quiet --bins --example demo
 exec target/release/examples/demo

@@ -9,7 +9,9 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: the namespace tests need root; run it as root" >&2
     exit 1
 fi
-scripts/deps.sh iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq wireguard-tools wireguard-go socat python3 nftables faketime prometheus groff-base systemd podman containernetworking-plugins runc catatonit busybox-static
+scripts/deps.sh iproute2 iputils-ping tcpdump iperf3 dnsutils dnsmasq wireguard-tools wireguard-go socat python3 nftables faketime \
+    prometheus groff-base systemd podman containernetworking-plugins runc catatonit busybox-static \
+    etcd-server etcd-client protobuf-compiler libprotobuf-dev
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --all-targets

@@ -50,6 +50,8 @@ pub enum Request {
     Reload,
     /// Every counter, for the metrics endpoint.
     Metrics,
+    /// `meshctl store`: the membership store's state.
+    Store,
 }
 
 /// `meshctl attach`: give the container in `netns` an overlay address.
@@ -78,6 +80,7 @@ pub enum Response {
     /// What a reload changed, one line each (empty: nothing).
     Reloaded(Vec<String>),
     Metrics(MetricsSnapshot),
+    Store(crate::store::StoreStatus),
     Error(String),
 }
 

@@ -16,4 +16,5 @@ pub mod keys;
 pub mod membership;
 pub mod policy;
 pub mod report;
+pub mod store;
 pub mod uapi;

@@ -108,6 +108,16 @@ pub async fn run(
     membership: watch::Receiver<Membership>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    run_with_store(config, membership, None, shutdown).await
+}
+
+/// `run`, with membership from a store whose state `meshctl store` shows.
+pub async fn run_with_store(
+    config: Config,
+    membership: watch::Receiver<Membership>,
+    store: Option<watch::Receiver<crate::store::StoreReport>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     limits::raise_open_files();
     // Everything that can fail because of another running agent, or bad
     // state, is checked before the device is created.
@@ -234,6 +244,7 @@ pub async fn run(
         policy_version: 0,
         policy: policy_rx,
         reloads,
+        store,
     };
     let mut shell = shell;
     shell.refresh_policy();
@@ -283,6 +294,8 @@ struct Shell {
     policy: watch::Receiver<crate::policy::Policy>,
     /// `meshctl reload` requests, to the reload task.
     reloads: mpsc::Sender<tokio::sync::oneshot::Sender<Response>>,
+    /// The membership store's report, when peers come from one.
+    store: Option<watch::Receiver<crate::store::StoreReport>>,
 }
 
 /// The packet task's ends of the records sync.
@@ -567,6 +580,12 @@ impl Shell {
                 }
                 return;
             }
+            Request::Store => match &self.store {
+                Some(s) => Response::Store(s.borrow().status(now)),
+                None => Response::Error(
+                    "no [store] configured: peers come from the [[peer]] list".into(),
+                ),
+            },
         };
         let _ = reply.send(response);
     }

@@ -57,6 +57,12 @@ async fn reload(running: &mut Config, ends: &Ends) -> Result<Vec<String>, String
         .await
         .map_err(|e| format!("reload refused: {e}"))?
         .map_err(|e| format!("reload refused, keeping the running config: {e}"))?;
+    let mut fresh = fresh;
+    if running.store.is_some() {
+        // The block and overlay came from the store at start, not the file.
+        fresh.subnet = running.subnet;
+        fresh.overlay = running.overlay;
+    }
     let plan = diff::plan(running, &fresh).map_err(|e| e.to_string())?;
     // The one step that can fail comes first, so a failure changes nothing.
     let listener = match (plan.metrics_changed(), fresh.metrics_listen) {

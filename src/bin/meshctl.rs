@@ -157,6 +157,32 @@ enum Command {
         /// A subcommand, for its own page.
         command: Option<String>,
     },
+    /// Show the membership store: backend, endpoints, revision, lease, last error.
+    #[command(after_help = "Examples:\n  meshctl store\n  meshctl store --json")]
+    Store {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Free a host's block in etcd and delete its record (compare-and-swap):
+    /// the only way a block is ever released.
+    #[command(
+        after_help = "Examples:\n  meshctl decommission h7 --config /etc/meshnet/meshd.toml\n  \
+                      meshctl decommission h7 --endpoints http://127.0.0.1:2379"
+    )]
+    Decommission {
+        /// The host to remove.
+        name: String,
+        /// A meshd config whose [store] names the etcd (TLS included).
+        #[arg(long, required_unless_present = "endpoints")]
+        config: Option<PathBuf>,
+        /// etcd endpoints, comma-separated, instead of --config.
+        #[arg(long, value_delimiter = ',')]
+        endpoints: Vec<String>,
+        /// The key prefix, with --endpoints.
+        #[arg(long, default_value = meshnet::store::layout::DEFAULT_PREFIX)]
+        prefix: String,
+    },
     /// Explain the network policy.
     #[command(
         subcommand,
@@ -312,6 +338,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             json,
         }) => policy_test(&socket, src, dst, port, json),
         Command::Drops { follow, json } => drops(&socket, follow, json),
+        Command::Store { json } => match control::request(&socket, &Request::Store)? {
+            Response::Store(status) => show(&status, json, |s| s.to_text()),
+            other => unexpected(other),
+        },
+        Command::Decommission {
+            name,
+            config,
+            endpoints,
+            prefix,
+        } => decommission(&name, config, endpoints, &prefix),
     }
 }
 
@@ -359,6 +395,49 @@ fn drops(socket: &std::path::Path, follow: bool, json: bool) -> anyhow::Result<(
         std::io::stdout().flush()?;
         std::thread::sleep(FOLLOW_EVERY);
     }
+}
+
+#[cfg(feature = "etcd")]
+fn decommission(
+    name: &str,
+    config: Option<PathBuf>,
+    endpoints: Vec<String>,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    let store = match config {
+        Some(path) => meshnet::config::load(&path)?
+            .store
+            .with_context(|| format!("{} has no [store] table", path.display()))?,
+        None => meshnet::config::StoreConfig {
+            endpoints,
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            block_prefix: meshnet::config::store_defaults::BLOCK_PREFIX,
+            advertise: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            requested: None,
+            lease_ttl: meshnet::config::store_defaults::LEASE_TTL,
+            keepalive: None,
+            tls: None,
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let freed = runtime.block_on(meshnet::store::etcd::decommission(&store, name))?;
+    let blocks: Vec<String> = freed.iter().map(ToString::to_string).collect();
+    println!(
+        "decommissioned {name}: freed {}",
+        if blocks.is_empty() {
+            "no block".to_owned()
+        } else {
+            blocks.join(", ")
+        }
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "etcd"))]
+fn decommission(_: &str, _: Option<PathBuf>, _: Vec<String>, _: &str) -> anyhow::Result<()> {
+    anyhow::bail!("decommission needs a meshctl built with the `etcd` feature (the default)")
 }
 
 /// Prints a new secret, or writes it to a new file only root can read.

@@ -68,11 +68,20 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(mut config: Config) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
-    let (_membership, membership_rx) = watch::channel(config.membership.clone());
+    // The membership source: the store when configured, else the file
+    // (whose peers reloads then change).
+    let (_file_peers, file_membership) = watch::channel(config.membership.clone());
+    let (membership_rx, store_report) = match config.store.clone() {
+        Some(store) => {
+            let (membership, report) = start_store(&mut config, &store).await?;
+            (membership, Some(report))
+        }
+        None => (file_membership, None),
+    };
     tokio::spawn(reload_on_hangup(hangup, config.control_socket.clone()));
     let shutdown = async move {
         tokio::select! {
@@ -80,8 +89,36 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    meshnet::agent::run(config, membership_rx, shutdown).await?;
+    meshnet::agent::run_with_store(config, membership_rx, store_report, shutdown).await?;
     Ok(())
+}
+
+/// Joins the etcd store: this host's block and the cluster's overlay come
+/// from it, then peers follow its watch.
+#[cfg(feature = "etcd")]
+async fn start_store(
+    config: &mut Config,
+    store: &meshnet::config::StoreConfig,
+) -> anyhow::Result<(
+    watch::Receiver<meshnet::membership::Membership>,
+    watch::Receiver<meshnet::store::StoreReport>,
+)> {
+    let started =
+        meshnet::store::etcd::start(meshnet::store::etcd::Member::of(config), store).await?;
+    config.subnet = started.block;
+    config.overlay = started.cluster.overlay;
+    Ok((started.membership, started.report))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn start_store(
+    _: &mut Config,
+    _: &meshnet::config::StoreConfig,
+) -> anyhow::Result<(
+    watch::Receiver<meshnet::membership::Membership>,
+    watch::Receiver<meshnet::store::StoreReport>,
+)> {
+    anyhow::bail!("[store] needs a meshd built with the `etcd` feature (the default)")
 }
 
 /// SIGHUP does what `meshctl reload` does, through the same control

@@ -126,6 +126,7 @@ fn restart_only(a: &Config, b: &Config) -> Vec<&'static str> {
         ("state_dir", a.state_dir == b.state_dir),
         ("mtu", a.mtu == b.mtu),
         ("offload", a.offload == b.offload),
+        ("store", a.store == b.store),
         ("dns.domain", a.dns.domain == b.dns.domain),
     ]
     .into_iter()

@@ -17,6 +17,15 @@ use toml::Spanned;
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use crate::membership::{Membership, PeerSpec};
 
+mod store;
+pub use store::{StoreConfig, TlsFiles};
+
+/// `[store]` defaults, for tools that build a `StoreConfig` themselves.
+pub mod store_defaults {
+    pub const BLOCK_PREFIX: u8 = super::store::DEFAULT_BLOCK_PREFIX;
+    pub const LEASE_TTL: u16 = super::store::DEFAULT_LEASE_TTL;
+}
+
 /// The whole overlay unless configured: 10.42.0.0/16, as Rancher used.
 pub const DEFAULT_OVERLAY: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 42, 0, 0), 16);
 /// WireGuard's customary port.
@@ -83,6 +92,8 @@ pub struct Config {
     pub private_key: PrivateKey,
     pub listen: SocketAddr,
     pub overlay: Ipv4Net,
+    /// This host's block. With `[store]` and no `subnet` configured it is
+    /// the whole overlay until meshd sets it from the block it claims.
     pub subnet: Ipv4Net,
     pub device: String,
     pub mode: Mode,
@@ -102,6 +113,11 @@ pub struct Config {
     pub membership: Membership,
     /// Who may reach whom; allows everything without a `[policy]` table.
     pub policy: crate::policy::Policy,
+    /// `[store]`: peers come from etcd instead of `[[peer]]`.
+    pub store: Option<StoreConfig>,
+    /// Mixed into every tunnel whose peer has no key of its own (and every
+    /// tunnel to a peer from the store).
+    pub cluster_psk: Option<PresharedKey>,
 }
 
 impl Config {
@@ -122,7 +138,7 @@ struct RawConfig {
     private_key_file: Spanned<String>,
     listen: Option<Spanned<String>>,
     overlay: Option<Spanned<String>>,
-    subnet: Spanned<String>,
+    subnet: Option<Spanned<String>>,
     device: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     control_socket: Option<Spanned<String>>,
@@ -136,6 +152,7 @@ struct RawConfig {
     peer: Vec<Spanned<RawPeer>>,
     dns: Option<RawDns>,
     policy: Option<policy::RawPolicy>,
+    store: Option<store::RawStore>,
 }
 
 #[derive(Deserialize)]
@@ -234,7 +251,17 @@ impl Validator<'_> {
             Some(o) => self.network(o, "overlay")?,
             None => DEFAULT_OVERLAY,
         };
-        let subnet = self.subnet(&raw.subnet, "subnet", overlay)?;
+        let requested = raw
+            .subnet
+            .as_ref()
+            .map(|s| self.subnet(s, "subnet", overlay))
+            .transpose()?;
+        let store = raw
+            .store
+            .as_ref()
+            .map(|s| self.store(s, listen, overlay, requested))
+            .transpose()?;
+        let subnet = self.own_subnet(requested, &raw, overlay)?;
         let device = match &raw.device {
             Some(d) if d.get_ref().starts_with(crate::core::isolation::PORT_PREFIX) => {
                 return Err(self.error(
@@ -299,7 +326,7 @@ impl Validator<'_> {
             name: &name,
             key: private_key.public_key(),
             subnet,
-            cluster_psk,
+            cluster_psk: cluster_psk.clone(),
         };
         let peers = self.peers(&raw.peer, &own, overlay)?;
         let policy = self.policy(raw.policy.as_ref())?;
@@ -321,6 +348,36 @@ impl Validator<'_> {
             metrics_listen,
             membership: Membership { peers },
             policy,
+            store,
+            cluster_psk,
+        })
+    }
+
+    /// `subnet` is required unless `[store]` claims a block; with a store,
+    /// `[[peer]]` sections are refused (etcd is the one source of peers).
+    fn own_subnet(
+        &self,
+        requested: Option<Ipv4Net>,
+        raw: &RawConfig,
+        overlay: Ipv4Net,
+    ) -> Result<Ipv4Net, ConfigError> {
+        if raw.store.is_some() {
+            if let Some(p) = raw.peer.first() {
+                return Err(self.error(
+                    p.span(),
+                    "peer",
+                    "[[peer]] and [store] do not mix: with a store, peers come from etcd",
+                ));
+            }
+            return Ok(requested.unwrap_or(overlay));
+        }
+        requested.ok_or_else(|| ConfigError {
+            file: self.file.to_owned(),
+            line: None,
+            key: Some("subnet".into()),
+            message: "missing: this host's block of the overlay, such as \"10.42.1.0/24\" \
+                      (or a [store] table to claim one)"
+                .into(),
         })
     }
 

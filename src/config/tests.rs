@@ -288,7 +288,8 @@ fn missing_key_file_is_a_config_error() {
 fn missing_required_key_is_reported() {
     let f = Fixture::new();
     let e = f.err("name = \"h1\"\nprivate_key_file = \"h1.key\"\n");
-    assert!(e.message.contains("missing field `subnet`"), "{e}");
+    assert!(e.message.starts_with("missing"), "{e}");
+    assert_eq!(e.key.as_deref(), Some("subnet"));
 }
 
 #[test]
@@ -594,4 +595,122 @@ fn metrics_listen_is_off_unless_set_and_must_be_an_address() {
     );
     let e = f.err(&format!("{HEAD}metrics_listen = \"9586\"\n"));
     assert_at(&e, 4, "metrics_listen", "is not an address:port");
+}
+mod store_table {
+    use super::*;
+
+    const BASE: &str = "name = \"h1\"\nprivate_key_file = \"h1.key\"\n";
+
+    #[test]
+    fn store_without_subnet_claims_later_with_documented_defaults() {
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!(
+                "{BASE}listen = \"192.0.2.7:51820\"\n[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"
+            ))
+            .unwrap();
+        let s = c.store.unwrap();
+        assert_eq!(s.prefix, "/meshnet/v1");
+        assert_eq!(s.block_prefix, 24);
+        assert_eq!(s.lease_ttl, 45);
+        assert_eq!(s.advertise, "192.0.2.7:51820".parse().unwrap());
+        assert_eq!(s.requested, None);
+        assert_eq!(s.tls, None);
+        assert_eq!(c.subnet, c.overlay, "placeholder until the claim");
+    }
+
+    #[test]
+    fn store_with_subnet_requests_it_and_tls_files_resolve_beside_the_config() {
+        let f = Fixture::new();
+        let c = f
+            .parse(&format!(
+                "{BASE}subnet = \"10.42.9.0/24\"\n[store]\nkind = \"etcd\"\nendpoints = [\"https://e1:2379\", \"https://e2:2379\"]\n\
+                 prefix = \"/x/\"\nblock_prefix = 24\nadvertise = \"192.0.2.7:51820\"\nlease_ttl = 30\nkeepalive = 25\n\
+                 ca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n"
+            ))
+            .unwrap();
+        let s = c.store.unwrap();
+        assert_eq!(s.requested, Some("10.42.9.0/24".parse().unwrap()));
+        assert_eq!(c.subnet, "10.42.9.0/24".parse::<Ipv4Net>().unwrap());
+        assert_eq!(s.prefix, "/x");
+        assert_eq!(s.keepalive, Some(25));
+        assert_eq!(s.endpoints.len(), 2);
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.ca_file, Some(f.dir.path().join("ca.pem")));
+        assert!(tls.identity.is_some());
+    }
+
+    #[test]
+    fn bad_store_tables_name_file_line_and_key() {
+        let f = Fixture::new();
+        let head = format!("{BASE}listen = \"192.0.2.7:51820\"\n[store]\n");
+        let ep = "endpoints = [\"http://127.0.0.1:2379\"]\n";
+        let cases = [
+            (
+                format!("{head}kind = \"consul\"\n{ep}"),
+                5,
+                "store.kind",
+                "unknown store",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\nendpoints = []\n"),
+                6,
+                "store.endpoints",
+                "at least one",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]\n"),
+                6,
+                "store.endpoints",
+                "not a URL",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}prefix = \"meshnet\"\n"),
+                7,
+                "store.prefix",
+                "not a key prefix",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}block_prefix = 8\n"),
+                7,
+                "store.block_prefix",
+                "/16../30",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}lease_ttl = 2\n"),
+                7,
+                "store.lease_ttl",
+                "10-600",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}advertise = \"0.0.0.0:1\"\n"),
+                7,
+                "store.advertise",
+                "real address",
+            ),
+            (
+                format!("{head}kind = \"etcd\"\n{ep}cert_file = \"c.pem\"\n"),
+                7,
+                "store.cert_file",
+                "go together",
+            ),
+        ];
+        for (text, line, key, needle) in cases {
+            let e = f.err(&text);
+            assert_at(&e, line, key, needle);
+        }
+    }
+
+    #[test]
+    fn store_needs_an_advertised_endpoint_and_refuses_static_peers() {
+        let f = Fixture::new();
+        let e = f.err(&format!(
+            "{BASE}[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"
+        ));
+        assert_eq!(e.key.as_deref(), Some("store.advertise"), "{e}");
+        let e = f.err(&format!(
+            "{BASE}listen = \"192.0.2.7:51820\"\n{PEER2}\n[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"
+        ));
+        assert!(e.message.contains("do not mix"), "{e}");
+    }
 }

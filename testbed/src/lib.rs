@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 pub mod clock;
 pub mod dns;
+pub mod etcd;
 pub mod fleet;
 pub mod flood;
 pub mod measure;
