@@ -34,6 +34,9 @@ pub struct Containers {
     domain: String,
     /// Namespaces with an attach or detach under way.
     busy: HashSet<String>,
+    /// Whether attach configures the container's side itself (it may
+    /// enter other namespaces), or leaves it to the caller.
+    inside: bool,
 }
 
 /// What a background save is for.
@@ -109,11 +112,18 @@ impl Containers {
             prefix: config.overlay.prefix_len(),
             domain: config.dns.domain.clone(),
             busy: HashSet::new(),
+            inside: netops::can_enter_namespaces(),
         };
         info!(
             containers = containers.ipam.containers().count(),
             "containers restored"
         );
+        if !containers.inside {
+            info!(
+                "no CAP_SYS_ADMIN: attach makes each container's eth0, and the caller \
+                 (meshctl attach, meshnet-cni) gives it its address inside the namespace"
+            );
+        }
         Ok(containers)
     }
 
@@ -196,6 +206,7 @@ impl Shell {
             }
         };
         let (bridge, mtu, prefix) = (containers.bridge.clone(), containers.mtu, containers.prefix);
+        let inside = containers.inside;
         let ops = self.ops.clone();
         tokio::spawn(async move {
             let link = ContainerLink {
@@ -207,7 +218,7 @@ impl Shell {
                 mac: container.mac,
                 mtu,
             };
-            let result = netops::attach(&link).await;
+            let result = netops::attach(&link, inside).await;
             report(
                 &ops,
                 OpDone::Attached {

@@ -26,7 +26,7 @@ pub struct NetlinkError {
 }
 
 impl NetlinkError {
-    fn new(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
+    pub fn new(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
         Self {
             what: what.into(),
             error: error.to_string(),
@@ -181,6 +181,30 @@ pub async fn add_address(
     }
     let what = || format!("add address {address}/{prefix} to link {index}");
     execute(request.execute(), what).await
+}
+
+/// `add_link_route`, where an existing route is success.
+pub async fn ensure_link_route(
+    handle: &Handle,
+    index: u32,
+    destination: Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetlinkError> {
+    const EEXIST: i32 = 17;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(destination, prefix)
+        .output_interface(index)
+        .scope(rtnetlink::packet_route::route::RouteScope::Link)
+        .build();
+    match handle.route().add(route).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -EEXIST => Ok(()),
+        other => other.map_err(|e| {
+            NetlinkError::new(
+                format!("route add {destination}/{prefix} on link {index}"),
+                e,
+            )
+        }),
+    }
 }
 
 /// A link-scope route to `destination/prefix` out of link `index`.

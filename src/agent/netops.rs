@@ -191,13 +191,28 @@ pub async fn set_hairpin(hairpin: bool) -> Result<(), NetopsError> {
 /// Creates the veth pair, its peer made as `eth0` inside the namespace, and
 /// configures it; on failure removes the pair again. The port's filter is
 /// in place before the pair exists (and removed again on failure).
-pub async fn attach(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
+///
+/// With `inside` false (an agent without CAP_SYS_ADMIN, such as the
+/// sidecar image, cannot enter another namespace), the pair is made but
+/// the container's side is left for the caller: `configure_container`,
+/// which `meshctl attach` and `meshnet-cni` run as root on the host.
+pub async fn attach(link: &ContainerLink<'_>, inside: bool) -> Result<(), NetopsError> {
     let reference = NetnsRef::parse(link.netns).map_err(|e| NetopsError::NotNamespace {
         path: link.netns.to_owned(),
         why: e.to_string(),
     })?;
     let netns = open_netns(reference)?;
     let shown = reference.path().display().to_string();
+    if !inside {
+        // The kernel refuses a second eth0 when the pair is made there.
+        let port = Port::new(link.host_veth, link.mac, link.address)?;
+        nft(&["-f", "-"], &isolation::add_port(&port)).await?;
+        let made = make_pair(link, netns, false).await;
+        if made.is_err() {
+            let _ = nft(&["-f", "-"], &isolation::remove_port(&port.name)).await;
+        }
+        return made;
+    }
     let probe = netns.try_clone().map_err(|e| NetopsError::NotNamespace {
         path: shown.clone(),
         why: e.to_string(),
@@ -211,14 +226,66 @@ pub async fn attach(link: &ContainerLink<'_>) -> Result<(), NetopsError> {
     }
     let port = Port::new(link.host_veth, link.mac, link.address)?;
     nft(&["-f", "-"], &isolation::add_port(&port)).await?;
-    let made = make_pair(link, netns).await;
+    let made = make_pair(link, netns, true).await;
     if made.is_err() {
         let _ = nft(&["-f", "-"], &isolation::remove_port(&port.name)).await;
     }
     made
 }
 
-async fn make_pair(link: &ContainerLink<'_>, netns: OwnedFd) -> Result<(), NetopsError> {
+/// Whether this process may enter other network namespaces (setns needs
+/// CAP_SYS_ADMIN); without it, attach leaves the container's side to the
+/// caller.
+pub fn can_enter_namespaces() -> bool {
+    rustix::thread::capabilities(None).is_ok_and(|c| {
+        c.effective
+            .contains(rustix::thread::CapabilitySet::SYS_ADMIN)
+    })
+}
+
+/// The container's side of an attach, as a privileged caller does it when
+/// the agent could not: loopback up, eth0 up with its address, the service
+/// address on the link. Idempotent, so a caller may always run it.
+pub async fn configure_container(
+    netns: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetopsError> {
+    let reference = NetnsRef::parse(netns).map_err(|e| NetopsError::NotNamespace {
+        path: netns.to_owned(),
+        why: e.to_string(),
+    })?;
+    let fd = open_netns(reference)?;
+    Ok(netlink::in_netns(fd, move |handle| async move {
+        let lo = netlink::existing(&handle, "lo").await?;
+        netlink::set_up(&handle, lo, None).await?;
+        let eth0 = netlink::existing(&handle, "eth0").await?;
+        netlink::add_address(&handle, eth0, address, prefix, true).await?;
+        netlink::set_up(&handle, eth0, None).await?;
+        netlink::ensure_link_route(&handle, eth0, SERVICE_ADDRESS, 32).await
+    })
+    .await?)
+}
+
+/// `configure_container` for a caller without a runtime (meshctl, the CNI
+/// plugin): on a runtime of its own, for this one call.
+pub fn configure_container_now(
+    netns: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetopsError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| NetopsError::Netlink(NetlinkError::new("start a runtime", e)))?;
+    runtime.block_on(configure_container(netns, address, prefix))
+}
+
+async fn make_pair(
+    link: &ContainerLink<'_>,
+    netns: OwnedFd,
+    inside: bool,
+) -> Result<(), NetopsError> {
     let handle = netlink::connect()?;
     let master = netlink::existing(&handle, link.bridge).await?;
     let peer = VethPeer {
@@ -227,7 +294,15 @@ async fn make_pair(link: &ContainerLink<'_>, netns: OwnedFd) -> Result<(), Netop
         mtu: link.mtu,
         netns: &netns,
     };
-    netlink::add_veth(&handle, link.host_veth, master, &peer).await?;
+    netlink::add_veth(&handle, link.host_veth, master, &peer)
+        .await
+        .map_err(|e| match e.error.contains("File exists") {
+            true => NetopsError::Eth0Exists(link.netns.to_owned()),
+            false => e.into(),
+        })?;
+    if !inside {
+        return Ok(());
+    }
     let (address, prefix) = (link.address, link.prefix);
     let configured =
         netlink::in_netns(netns, move |handle| configure(handle, address, prefix)).await;

@@ -301,7 +301,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 ports,
             });
             match control::request(&socket, &req)? {
-                Response::Container(c) => show(&c, json, |c| format!("{}\n", c.address)),
+                Response::Container(c) => {
+                    finish_attach(&socket, &c)?;
+                    show(&c, json, |c| format!("{}\n", c.address))
+                }
                 other => unexpected(other),
             }
         }
@@ -349,6 +352,32 @@ fn run(args: Args) -> anyhow::Result<()> {
             prefix,
         } => decommission(&name, config, endpoints, &prefix),
     }
+}
+
+/// Gives the container's eth0 its address inside its namespace, in case
+/// the agent could not (a sidecar without CAP_SYS_ADMIN); idempotent when
+/// it did. On failure the attach is undone, so nothing is left half-made.
+fn finish_attach(
+    socket: &std::path::Path,
+    c: &meshnet::core::ipam::Container,
+) -> anyhow::Result<()> {
+    let Response::Status(status) = control::request(socket, &Request::Status)? else {
+        anyhow::bail!("unexpected response to status");
+    };
+    let prefix = status.overlay.prefix_len();
+    if let Err(e) = meshnet::agent::netops::configure_container_now(&c.netns, c.address, prefix) {
+        let _ = control::request(
+            socket,
+            &Request::Detach {
+                netns: c.netns.clone(),
+            },
+        );
+        anyhow::bail!(
+            "configuring eth0 inside {} failed (attach undone): {e}",
+            c.netns
+        );
+    }
+    Ok(())
 }
 
 /// Exits 0 on allow, 1 on deny, 2 when the agent refused the input.

@@ -60,6 +60,23 @@ fn add(invocation: &Invocation, conf: &NetConf, socket: &Path) -> Result<String,
     });
     match ask(socket, &request)? {
         Response::Container(c) => {
+            // The agent may not enter namespaces (a sidecar without
+            // CAP_SYS_ADMIN): the plugin, run as root, finishes eth0.
+            if let Err(e) =
+                meshnet::agent::netops::configure_container_now(&netns, c.address, prefix)
+            {
+                let _ = ask(
+                    socket,
+                    &Request::Detach {
+                        netns: netns.clone(),
+                    },
+                );
+                return Err(CniError::new(
+                    ErrorCode::Io,
+                    format!("configuring eth0 inside {netns} failed"),
+                    e.to_string(),
+                ));
+            }
             Ok(cni::add_result(&c, prefix, conf.domain(), &netns).to_string())
         }
         other => Err(unexpected(&other)),
