@@ -562,8 +562,9 @@ impl Node {
         }
     }
 
-    /// The policy's `reject`: tells the local sender at once, within the
-    /// same budget as other ICMP errors.
+    /// The policy's `reject`: tells the local sender at once (a TCP reset,
+    /// else ICMP administratively prohibited), within the budget of ICMP
+    /// errors.
     fn reply_prohibited(&mut self, packet: &[u8], out: &mut Outbox) {
         if self.icmp_budget == 0 {
             return;
@@ -571,7 +572,9 @@ impl Node {
         let headroom = self.headroom();
         let room = out.spare(headroom + ICMP_ERROR_MAX);
         let start = room.as_ptr();
-        if let Some(len) = packet::prohibited(packet, &mut room[headroom..]) {
+        let written = packet::tcp_reset(packet, &mut room[headroom..])
+            .or_else(|| packet::prohibited(packet, &mut room[headroom..]));
+        if let Some(len) = written {
             let placed = Placed::within(start, &room[headroom..headroom + len]);
             self.icmp_budget -= 1;
             self.deliver(placed, out);

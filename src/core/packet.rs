@@ -118,6 +118,46 @@ pub fn prohibited(original: &[u8], out: &mut [u8]) -> Option<usize> {
     unreachable(original, DestUnreachableHeader::FilterProhibited, out)
 }
 
+/// The policy's `reject` for TCP: a reset from the destination, as its
+/// stack would send for a closed port (RFC 793), so a connect fails at
+/// once. `None` for anything but a first-fragment TCP segment without RST.
+pub fn tcp_reset(original: &[u8], out: &mut [u8]) -> Option<usize> {
+    let ip = Ipv4HeaderSlice::from_slice(original).ok()?;
+    if ip.protocol() != IpNumber::TCP || ip.fragments_offset().value() != 0 {
+        return None;
+    }
+    let total = usize::from(ip.total_len()).clamp(ip.slice().len(), original.len());
+    let segment = original.get(ip.slice().len()..total)?;
+    let tcp = etherparse::TcpHeaderSlice::from_slice(segment).ok()?;
+    if tcp.rst() {
+        return None;
+    }
+    let payload = segment.len().saturating_sub(tcp.slice().len());
+    let builder = PacketBuilder::ipv4(ip.destination(), ip.source(), 64);
+    let builder = if tcp.ack() {
+        builder
+            .tcp(
+                tcp.destination_port(),
+                tcp.source_port(),
+                tcp.acknowledgment_number(),
+                0,
+            )
+            .rst()
+    } else {
+        let length = u32::try_from(payload).unwrap_or(u32::MAX)
+            + u32::from(tcp.syn())
+            + u32::from(tcp.fin());
+        builder
+            .tcp(tcp.destination_port(), tcp.source_port(), 0, 0)
+            .rst()
+            .ack(tcp.sequence_number().wrapping_add(length))
+    };
+    if out.len() < builder.size(0) {
+        return None;
+    }
+    builder.write_to_slice(out, &[]).ok()
+}
+
 fn unreachable(original: &[u8], kind: DestUnreachableHeader, out: &mut [u8]) -> Option<usize> {
     let header = Ipv4HeaderSlice::from_slice(original).ok()?;
     let first_fragment = header.fragments_offset().value() == 0;
@@ -269,5 +309,27 @@ mod tests {
         let elsewhere = sync_packet([10, 42, 1, 1], [10, 42, 2, 7], 7301, 7301);
         assert!(!targets_sync_port(&elsewhere, peer, 7301));
         assert!(!targets_sync_port(&[0x45, 0, 0], peer, 7301));
+    }
+
+    #[test]
+    fn a_rejected_syn_gets_a_reset_that_acknowledges_it() {
+        let mut syn = Vec::new();
+        PacketBuilder::ipv4([10, 42, 1, 2], [10, 42, 3, 2], 64)
+            .tcp(40000, 22, 1000, 65535)
+            .syn()
+            .write(&mut syn, &[])
+            .unwrap();
+        let mut out = [0u8; 64];
+        let n = tcp_reset(&syn, &mut out).unwrap();
+        let parsed = PacketHeaders::from_ip_slice(&out[..n]).unwrap();
+        let Some(TransportHeader::Tcp(rst)) = parsed.transport else {
+            panic!("not TCP: {parsed:?}");
+        };
+        assert!(rst.rst && rst.ack);
+        assert_eq!((rst.source_port, rst.destination_port), (22, 40000));
+        assert_eq!(rst.acknowledgment_number, 1001);
+        // A reset is never answered with one, nor is UDP.
+        assert!(tcp_reset(&out[..n], &mut [0u8; 64]).is_none());
+        assert!(tcp_reset(&udp_packet([10, 42, 1, 1], [10, 42, 2, 1]), &mut out).is_none());
     }
 }

@@ -1125,7 +1125,7 @@ mod policy {
     }
 
     #[test]
-    fn reject_answers_the_sender_with_icmp_prohibited() {
+    fn reject_answers_the_sender_with_a_reset_or_icmp_prohibited() {
         let mut sim = Sim::mesh(&three_hosts(), None);
         sim.hosts[0].node.set_policy(rules(1, true, true));
         let forbidden = udp([10, 42, 1, 2], [10, 42, 3, 2], 40000, 22, b"f");
