@@ -37,8 +37,10 @@ use meshnet::keys::PrivateKey;
 
 /// Every testbed namespace starts with this, then the owning pid.
 const NS_PREFIX: &str = "mn-";
-/// Longest wait for an agent to answer after it starts.
-const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for an agent to answer after it starts. A guard against a
+/// hung agent, not a performance bound: fifty agents starting at once on
+/// two busy cores were seen to take over 10 s.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the meshd and meshctl binaries are.
 #[derive(Debug, Clone)]
