@@ -45,10 +45,35 @@ impl Pacer {
     }
 }
 
-/// Whether the key must be put: `current` is its (value, lease) as read,
-/// `None` when absent.
-pub fn needs_put(current: Option<(&[u8], i64)>, wanted: &[u8], lease: i64) -> bool {
-    current.is_none_or(|(value, on)| value != wanted || on != lease)
+/// The largest record set written to etcd, encoded. etcd refuses requests
+/// over 1.5 MiB by default (`--max-request-bytes`); a host at the
+/// container limit with long names and many ports can exceed that (about
+/// 1 kB a container). Such a host's peers fall back to its mesh snapshot.
+pub const MAX_VALUE: usize = 1 << 20;
+
+/// What to do with the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// etcd already holds this value on this lease.
+    Keep,
+    Put,
+    /// Too large for etcd: remove a smaller, older set so peers do not
+    /// serve it as authoritative, and let the mesh sync carry this host.
+    Delete,
+}
+
+/// `current` is the key's (value, lease) as read, `None` when absent.
+pub fn action(current: Option<(&[u8], i64)>, wanted: &[u8], lease: i64) -> Action {
+    if wanted.len() > MAX_VALUE {
+        return match current {
+            Some(_) => Action::Delete,
+            None => Action::Keep,
+        };
+    }
+    match current {
+        Some((value, on)) if value == wanted && on == lease => Action::Keep,
+        _ => Action::Put,
+    }
 }
 
 #[cfg(test)]
@@ -88,9 +113,18 @@ mod tests {
 
     #[test]
     fn only_a_differing_value_or_lease_is_put() {
-        assert!(needs_put(None, b"v", 7));
-        assert!(needs_put(Some((b"old", 7)), b"v", 7));
-        assert!(needs_put(Some((b"v", 6)), b"v", 7), "left on an old lease");
-        assert!(!needs_put(Some((b"v", 7)), b"v", 7));
+        assert_eq!(action(None, b"v", 7), Action::Put);
+        assert_eq!(action(Some((b"old", 7)), b"v", 7), Action::Put);
+        assert_eq!(action(Some((b"v", 6)), b"v", 7), Action::Put, "old lease");
+        assert_eq!(action(Some((b"v", 7)), b"v", 7), Action::Keep);
+    }
+
+    #[test]
+    fn a_set_too_large_for_etcd_removes_the_key_instead() {
+        let big = vec![b'x'; MAX_VALUE + 1];
+        assert_eq!(action(Some((b"old", 7)), &big, 7), Action::Delete);
+        assert_eq!(action(None, &big, 7), Action::Keep);
+        let fits = vec![b'x'; MAX_VALUE];
+        assert_eq!(action(None, &fits, 7), Action::Put);
     }
 }

@@ -18,7 +18,7 @@ use super::session::Session;
 use super::{StoreError, call};
 use crate::dns::HostRecords;
 use crate::store::layout;
-use crate::store::pace::needs_put;
+use crate::store::pace::{self, Action};
 
 /// This host's records as the agent last published them.
 pub(super) type Local = watch::Receiver<Option<Arc<HostRecords>>>;
@@ -71,8 +71,18 @@ impl Session {
         let value = layout::encode(&*wanted);
         let current = call(&self.store, client.get(key.clone(), None)).await?;
         let kv = current.kvs().first().map(|kv| (kv.value(), kv.lease()));
-        if !needs_put(kv, &value, lease) {
-            return Ok(());
+        match pace::action(kv, &value, lease) {
+            Action::Keep => return Ok(()),
+            Action::Put => {}
+            Action::Delete => {
+                tracing::warn!(
+                    bytes = value.len(),
+                    max = pace::MAX_VALUE,
+                    "this host's DNS records are too large for etcd: removed there, peers use the mesh sync"
+                );
+                call(&self.store, client.delete(key, None)).await?;
+                return Ok(());
+            }
         }
         let options = PutOptions::new().with_lease(lease);
         call(&self.store, client.put(key, value, Some(options))).await?;
