@@ -571,6 +571,7 @@ fn container_records_travel_through_etcd_and_a_host_without_mesh_sync_resolves()
     bed.start_all().unwrap();
     wait_converged(&bed, &[0, 1]);
     let c1 = bed.add_container_ns(0, "c1").unwrap();
+    let attached = std::time::Instant::now();
     let web = bed.attach(0, &c1, "web", &["--stack", "shop"]).unwrap();
     let ok = wait_until(Duration::from_secs(10), || {
         records_in_etcd(&etcd, "h1").is_some_and(|(r, leased)| {
@@ -589,6 +590,8 @@ fn container_records_travel_through_etcd_and_a_host_without_mesh_sync_resolves()
         served(&bed, 1, "web.shop") == [web.to_string()]
     });
     assert!(ok, "h2 does not serve web.shop\n{}", bed.log(1));
+    // A figure for the report, not an assertion.
+    eprintln!("attach on h1 -> served by h2: {:?}", attached.elapsed());
 
     // ghost: in etcd only, with a free block of the cluster's overlay.
     let cluster: ClusterRecord = serde_json::from_str(
@@ -637,12 +640,14 @@ fn container_records_travel_through_etcd_and_a_host_without_mesh_sync_resolves()
             ports: vec![],
         }],
     };
+    let put = std::time::Instant::now();
     put_json(&etcd, &l.records("ghost"), &ghost(db));
     for i in 0..2 {
         let ok = wait_until(Duration::from_secs(10), || {
             served(&bed, i, "db.shop") == [db.to_string()]
                 && served(&bed, i, "ghost.hosts") == [host_addr.to_string()]
         });
+        eprintln!("records/ghost put -> served by {i}: {:?}", put.elapsed());
         assert!(
             ok,
             "{} does not resolve ghost's names\n{}",
