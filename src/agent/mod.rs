@@ -111,11 +111,22 @@ pub async fn run(
     run_with_store(config, membership, None, shutdown).await
 }
 
-/// `run`, with membership from a store whose state `meshctl store` shows.
+/// What the agent exchanges with a membership store besides `Membership`.
+pub struct StoreLink {
+    /// The store's state, for `meshctl store`.
+    pub report: watch::Receiver<crate::store::StoreReport>,
+    /// Other hosts' DNS records as the store holds them.
+    pub records: watch::Receiver<crate::dns::sync::StoreRecords>,
+    /// This host's DNS records, for the store to publish.
+    pub publish: watch::Sender<Option<Arc<crate::dns::HostRecords>>>,
+}
+
+/// `run`, with membership and DNS records from a store whose state
+/// `meshctl store` shows.
 pub async fn run_with_store(
     config: Config,
     membership: watch::Receiver<Membership>,
-    store: Option<watch::Receiver<crate::store::StoreReport>>,
+    store: Option<StoreLink>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     limits::raise_open_files();
@@ -175,7 +186,11 @@ pub async fn run_with_store(
     };
     netops::set_up_service_address((config.mode == Mode::Tap).then_some(config.bridge.as_str()))
         .await?;
-    let sync = start_records_sync(&config, address, &membership);
+    let (store, store_records) = match store {
+        Some(link) => (Some(link.report), Some((link.records, link.publish))),
+        None => (None, None),
+    };
+    let sync = start_records_sync(&config, address, &membership, store_records);
     let upstreams = config
         .dns
         .upstream
@@ -330,6 +345,7 @@ fn start_records_sync(
     config: &Config,
     address: std::net::Ipv4Addr,
     membership: &watch::Receiver<Membership>,
+    store: Option<records_sync::StoreEnds>,
 ) -> SyncEnds {
     let records = crate::dns::HostRecords {
         host: config.name.clone(),
@@ -367,6 +383,7 @@ fn start_records_sync(
             zone_includes: includes_tx,
             refused: refused.clone(),
             withdraw_after: withdraw_rx,
+            store,
         }
         .run(),
     );

@@ -6,7 +6,9 @@
 //! from that peer's host address (`Node::handle_datagram`); what the sync
 //! sends goes back to the packet task to be sealed for one peer
 //! (`Node::send_sync`). No socket is bound: no local process or container
-//! can speak to this task. Zone rebuilds run on the blocking pool, at most
+//! can speak to this task. With a membership store, this host's records
+//! also go to the store (which writes them to etcd) and other hosts'
+//! records come from it into the same pure sync. Zone rebuilds run on the blocking pool, at most
 //! one at a time and at most every `REBUILD_INTERVAL`, however fast peers
 //! change their records. Must never: decide anything about records (the
 //! pure module does), or block the packet task.
@@ -20,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::dns::sync::{RecordsSync, Transmit};
+use crate::dns::sync::{RecordsSync, StoreRecords, Transmit};
 use crate::dns::{HostRecords, Zone};
 use crate::keys::PublicKey;
 use crate::membership::Membership;
@@ -39,6 +41,12 @@ const BATCH: usize = 256;
 /// A message the packet task decrypted from a peer's session.
 pub type Inbound = (PublicKey, Vec<u8>);
 
+/// The store's ends: other hosts' records in, this host's records out.
+pub type StoreEnds = (
+    watch::Receiver<StoreRecords>,
+    watch::Sender<Option<Arc<HostRecords>>>,
+);
+
 pub struct SyncTask {
     pub sync: RecordsSync,
     pub domain: String,
@@ -55,6 +63,8 @@ pub struct SyncTask {
     pub refused: Arc<AtomicU64>,
     /// `dns.withdraw_after`, as a reload changes it.
     pub withdraw_after: watch::Receiver<Duration>,
+    /// The membership store's records, when there is one.
+    pub store: Option<StoreEnds>,
 }
 
 impl SyncTask {
@@ -68,6 +78,15 @@ impl SyncTask {
         let mut dirty = self.sync.take_changed();
         let mut next_rebuild = Instant::now();
         let mut conflicts = 0;
+        let (mut store_records, publish) = match self.store.take() {
+            Some((records, publish)) => (Some(records), Some(publish)),
+            None => (None, None),
+        };
+        if let Some(rx) = &mut store_records {
+            self.sync.set_store_records(rx.borrow_and_update().clone());
+            dirty |= self.sync.take_changed();
+        }
+        publish_local(publish.as_ref(), &self.local.borrow().1);
         loop {
             let due = self.sync.poll_timeout().into();
             let rebuild_due = (dirty && rebuild.is_none()).then_some(next_rebuild);
@@ -84,6 +103,7 @@ impl SyncTask {
                     if changed.is_err() { return; }
                     let (version, records) = self.local.borrow_and_update().clone();
                     local_version = version;
+                    publish_local(publish.as_ref(), &records);
                     self.sync.set_local(records);
                     // Always rebuild: the control reply waits for it.
                     dirty = true;
@@ -92,6 +112,11 @@ impl SyncTask {
                     if changed.is_err() { return; }
                     let membership = self.membership.borrow_and_update().clone();
                     self.sync.set_members(&membership, std::time::Instant::now());
+                }
+                () = store_changed(&mut store_records) => {
+                    if let Some(rx) = &mut store_records {
+                        self.sync.set_store_records(rx.borrow_and_update().clone());
+                    }
                 }
                 Ok(()) = self.withdraw_after.changed() => {
                     let after = *self.withdraw_after.borrow_and_update();
@@ -147,6 +172,25 @@ impl SyncTask {
         }
         true
     }
+}
+
+/// Hands this host's records to the store, when there is one.
+fn publish_local(publish: Option<&watch::Sender<Option<Arc<HostRecords>>>>, records: &HostRecords) {
+    if let Some(tx) = publish {
+        tx.send_replace(Some(Arc::new(records.clone())));
+    }
+}
+
+/// Completes when the store's records changed; never without a store (or
+/// once it is gone: the records held stay).
+async fn store_changed(records: &mut Option<watch::Receiver<StoreRecords>>) {
+    if let Some(rx) = records {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+        *records = None;
+    }
+    std::future::pending().await
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {

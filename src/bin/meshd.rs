@@ -75,10 +75,10 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     // The membership source: the store when configured, else the file
     // (whose peers reloads then change).
     let (_file_peers, file_membership) = watch::channel(config.membership.clone());
-    let (membership_rx, store_report) = match config.store.clone() {
+    let (membership_rx, store_link) = match config.store.clone() {
         Some(store) => {
-            let (membership, report) = start_store(&mut config, &store).await?;
-            (membership, Some(report))
+            let (membership, link) = start_store(&mut config, &store).await?;
+            (membership, Some(link))
         }
         None => (file_membership, None),
     };
@@ -89,25 +89,30 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
             _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    meshnet::agent::run_with_store(config, membership_rx, store_report, shutdown).await?;
+    meshnet::agent::run_with_store(config, membership_rx, store_link, shutdown).await?;
     Ok(())
 }
 
 /// Joins the etcd store: this host's block and the cluster's overlay come
-/// from it, then peers follow its watch.
+/// from it, then peers and other hosts' DNS records follow its watch.
 #[cfg(feature = "etcd")]
 async fn start_store(
     config: &mut Config,
     store: &meshnet::config::StoreConfig,
 ) -> anyhow::Result<(
     watch::Receiver<meshnet::membership::Membership>,
-    watch::Receiver<meshnet::store::StoreReport>,
+    meshnet::agent::StoreLink,
 )> {
     let started =
         meshnet::store::etcd::start(meshnet::store::etcd::Member::of(config), store).await?;
     config.subnet = started.block;
     config.overlay = started.cluster.overlay;
-    Ok((started.membership, started.report))
+    let link = meshnet::agent::StoreLink {
+        report: started.report,
+        records: started.records,
+        publish: started.publish,
+    };
+    Ok((started.membership, link))
 }
 
 #[cfg(not(feature = "etcd"))]
@@ -116,7 +121,7 @@ async fn start_store(
     _: &meshnet::config::StoreConfig,
 ) -> anyhow::Result<(
     watch::Receiver<meshnet::membership::Membership>,
-    watch::Receiver<meshnet::store::StoreReport>,
+    meshnet::agent::StoreLink,
 )> {
     anyhow::bail!("[store] needs a meshd built with the `etcd` feature (the default)")
 }

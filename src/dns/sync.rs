@@ -12,6 +12,10 @@
 //! heard from for `withdraw_after`, or gone from the membership, are
 //! withdrawn.
 //!
+//! With a membership store, hosts also publish their records there
+//! (`store`: etcd's `records/<name>`); for those hosts the store's set is
+//! the one served, and the mesh snapshot waits in reserve.
+//!
 //! Must never: accept records from anyone but a current peer, or records
 //! that do not validate (`HostRecords::validate`: labels, lengths, counts,
 //! addresses inside the peer's subnet); let an older snapshot replace a
@@ -154,6 +158,8 @@ pub struct RecordsSync {
     next_heartbeat: Instant,
     next_order: u64,
     changed: bool,
+    /// Records from the membership store, when there is one.
+    store: store::FromStore,
 }
 
 impl RecordsSync {
@@ -185,6 +191,7 @@ impl RecordsSync {
             next_heartbeat: now,
             next_order: 0,
             changed: true,
+            store: store::FromStore::default(),
         }
     }
 
@@ -236,6 +243,7 @@ impl RecordsSync {
             self.queue_snapshot(peer);
             self.remote(peer, now);
         }
+        self.store_members_changed();
     }
 
     /// A message the node decrypted from `from`'s session.
@@ -327,16 +335,24 @@ impl RecordsSync {
     }
 
     /// Every host's records in zone precedence: this host first, then the
-    /// others in the order their records were first accepted.
+    /// others in the order their records were first accepted. A host the
+    /// store serves is taken from the store, not the mesh.
     pub fn hosts(&self) -> Vec<Arc<HostRecords>> {
-        let mut held: Vec<&Held> = self
+        let mesh = self
             .remotes
-            .values()
-            .filter_map(|r| r.held.as_ref())
-            .collect();
-        held.sort_by_key(|h| h.order);
+            .iter()
+            .filter(|(key, _)| {
+                self.members
+                    .get(*key)
+                    .is_none_or(|m| !self.store.serves(&m.name))
+            })
+            .filter_map(|(_, r)| r.held.as_ref())
+            .map(|h| (h.order, &h.records));
+        let stored = self.store.held().map(|h| (h.order, h.records()));
+        let mut held: Vec<(u64, &Arc<HostRecords>)> = mesh.chain(stored).collect();
+        held.sort_by_key(|(order, _)| *order);
         std::iter::once(self.local.clone())
-            .chain(held.into_iter().map(|h| h.records.clone()))
+            .chain(held.into_iter().map(|(_, r)| r.clone()))
             .collect()
     }
 
@@ -596,6 +612,9 @@ fn encode(message: &Message) -> Vec<u8> {
     // Serializing plain data to a Vec cannot fail.
     serde_json::to_vec(message).unwrap_or_default()
 }
+
+mod store;
+pub use store::StoreRecords;
 
 #[cfg(test)]
 mod tests;

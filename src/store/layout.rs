@@ -4,7 +4,11 @@
 //! <prefix>/config                 {"overlay":"10.42.0.0/16","block_prefix":24}   written once
 //! <prefix>/hosts/<name>           {"public_key":..,"endpoints":[..],"block":..}  on the host's lease
 //! <prefix>/blocks/10.42.7.0-24    {"owner":"h1","public_key":..}                 durable, no lease
+//! <prefix>/records/<name>         {"host":..,"address":..,"containers":[..]}     on the host's lease
 //! ```
+//! `records/<name>` is the host's whole DNS record set (`dns::HostRecords`,
+//! the same value the mesh's records sync shares): one key per host, never
+//! one per container.
 //! Values are JSON so an operator can read them with `etcdctl get`. Must
 //! never: trust a value: every decode is fallible and a bad one is skipped.
 
@@ -48,6 +52,7 @@ pub enum Key {
     Config,
     Host(String),
     Block(Ipv4Net),
+    Records(String),
 }
 
 /// The key layout under one prefix.
@@ -84,6 +89,10 @@ impl Layout {
         format!("{}/hosts/", self.prefix)
     }
 
+    pub fn records(&self, name: &str) -> String {
+        format!("{}/records/{name}", self.prefix)
+    }
+
     pub fn blocks(&self) -> String {
         format!("{}/blocks/", self.prefix)
     }
@@ -108,6 +117,9 @@ impl Layout {
         }
         if let Some(name) = rest.strip_prefix("hosts/") {
             return crate::membership::is_dns_label(name).then(|| Key::Host(name.to_owned()));
+        }
+        if let Some(name) = rest.strip_prefix("records/") {
+            return crate::membership::is_dns_label(name).then(|| Key::Records(name.to_owned()));
         }
         let (addr, len) = rest.strip_prefix("blocks/")?.split_once('-')?;
         let addr: Ipv4Addr = addr.parse().ok()?;
@@ -150,6 +162,11 @@ mod tests {
             Some(Key::Host("h1".into()))
         );
         assert_eq!(l.parse(b"/meshnet/v1/config"), Some(Key::Config));
+        assert_eq!(l.records("h1"), "/meshnet/v1/records/h1");
+        assert_eq!(
+            l.parse(l.records("h1").as_bytes()),
+            Some(Key::Records("h1".into()))
+        );
     }
 
     #[test]
@@ -159,6 +176,9 @@ mod tests {
             &b"/meshnet/v2/config"[..],
             b"/meshnet/v1/hosts/bad name",
             b"/meshnet/v1/hosts/",
+            b"/meshnet/v1/records/",
+            b"/meshnet/v1/records/a.b",
+            b"/meshnet/v1/records/h1/x",
             b"/meshnet/v1/blocks/10.42.7.1-24",
             b"/meshnet/v1/blocks/10.42.7.0-33",
             b"/meshnet/v1/blocks/10.42.7.0",

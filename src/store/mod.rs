@@ -14,6 +14,7 @@ pub mod claim;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod layout;
+pub mod pace;
 pub mod status;
 pub mod view;
 

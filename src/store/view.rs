@@ -8,13 +8,19 @@
 //! an outage starts from it. Must never: panic on a value from the store
 //! (it is skipped and counted), or let a host record count as a peer
 //! unless its block's owner record names the same host and key.
+//!
+//! DNS record sets (`records/<name>`) are held here as read; whether one
+//! is valid for its host (names, limits, addresses inside that host's
+//! block) is decided by `dns::sync::RecordsSync`, like a mesh snapshot.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{self, BlockRecord, ClusterRecord, HostRecord, Key, Layout};
+use crate::dns::HostRecords;
 use crate::keys::PresharedKey;
 use crate::membership::{Membership, PeerSpec};
 
@@ -40,6 +46,10 @@ pub struct View {
     pub cluster: Option<ClusterRecord>,
     pub hosts: BTreeMap<String, HostRecord>,
     pub blocks: BTreeMap<Ipv4Net, BlockRecord>,
+    /// Each host's DNS records, as its `records/<name>` key holds them.
+    /// (`default`: snapshots written before records lived in etcd.)
+    #[serde(default)]
+    pub records: BTreeMap<String, Arc<HostRecords>>,
     /// Values this version could not read (skipped).
     #[serde(skip)]
     pub undecodable: u64,
@@ -59,6 +69,9 @@ impl View {
                 Some(Key::Block(b)) => {
                     self.blocks.remove(&b);
                 }
+                Some(Key::Records(name)) => {
+                    self.records.remove(&name);
+                }
                 None => {}
             },
         }
@@ -75,6 +88,9 @@ impl View {
                 .is_some(),
             Some(Key::Block(b)) => layout::decode(value)
                 .map(|o| self.blocks.insert(b, o))
+                .is_some(),
+            Some(Key::Records(name)) => layout::decode(value)
+                .map(|r| self.records.insert(name, Arc::new(r)))
                 .is_some(),
         };
         if !ok {
@@ -148,6 +164,16 @@ impl View {
             })
             .collect();
         Membership { peers }
+    }
+
+    /// Every other host's DNS records as etcd holds them (the records
+    /// sync checks each against that host's block before using it).
+    pub fn host_records(&self, own: &str) -> BTreeMap<String, Arc<HostRecords>> {
+        self.records
+            .iter()
+            .filter(|(name, _)| name.as_str() != own)
+            .map(|(name, r)| (name.clone(), r.clone()))
+            .collect()
     }
 }
 
@@ -321,6 +347,67 @@ mod tests {
         assert_eq!(diff.added, ["h4"]);
         assert_eq!(v.revision, 99);
         assert_eq!(names(&v.membership("h1", own(), None, None)), ["h3", "h4"]);
+    }
+
+    fn dns(host: &str, k: u8) -> Vec<u8> {
+        layout::encode(&HostRecords {
+            host: host.into(),
+            address: std::net::Ipv4Addr::new(10, 42, k, 1),
+            containers: vec![],
+        })
+    }
+
+    #[test]
+    fn records_keys_are_held_until_deleted_or_relisted_away() {
+        let mut v = three();
+        let l = l();
+        let (r1, r2, r3) = (dns("h1", 1), dns("h2", 2), dns("h3", 3));
+        v.apply(&l, put("/meshnet/v1/records/h1", &r1), 50);
+        v.apply(&l, put("/meshnet/v1/records/h2", &r2), 51);
+        v.apply(&l, put("/meshnet/v1/records/h3", &r3), 52);
+        // A garbage value leaves the last readable one in place.
+        v.apply(&l, put("/meshnet/v1/records/h3", b"{}"), 53);
+        assert_eq!(v.undecodable, 1);
+        let others = v.host_records("h1");
+        assert_eq!(others.keys().collect::<Vec<_>>(), ["h2", "h3"]);
+        assert_eq!(others["h3"].host, "h3");
+        v.apply(
+            &l,
+            Event::Delete {
+                key: b"/meshnet/v1/records/h2",
+            },
+            54,
+        );
+        assert_eq!(v.host_records("h1").len(), 1);
+        // A re-list without h3's key drops it too.
+        v.relist(&l, vec![(&b"/meshnet/v1/records/h1"[..], &r1[..])], 60);
+        assert!(v.host_records("h1").is_empty());
+        assert_eq!(v.records.len(), 1);
+    }
+
+    #[test]
+    fn snapshots_keep_records_and_older_ones_without_them_still_load() {
+        let mut view = three();
+        let r2 = dns("h2", 2);
+        view.apply(&l(), put("/meshnet/v1/records/h2", &r2), 70);
+        let s = Snapshot {
+            version: SNAPSHOT_VERSION,
+            name: "h1".into(),
+            block: own(),
+            view,
+        };
+        let back = Snapshot::decode(&s.encode(), "h1").unwrap();
+        assert_eq!(back.view.host_records("h1").len(), 1);
+        let mut old: serde_json::Value = serde_json::from_slice(&s.encode()).unwrap();
+        old["view"].as_object_mut().unwrap().remove("records");
+        let old = serde_json::to_vec(&old).unwrap();
+        assert!(
+            Snapshot::decode(&old, "h1")
+                .unwrap()
+                .view
+                .records
+                .is_empty()
+        );
     }
 
     #[test]

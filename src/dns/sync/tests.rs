@@ -409,3 +409,149 @@ fn a_peer_restarted_with_its_clock_set_back_is_heard_again_after_withdrawal() {
     a.handle_message(later, key(2), &restarted).unwrap();
     assert_eq!(remote_names(&a), ["c5@h2"]);
 }
+
+/// A host's records as the store hands them over.
+fn offered(sets: &[(u8, Vec<ContainerRecord>)]) -> StoreRecords {
+    sets.iter()
+        .map(|(n, c)| (format!("h{n}"), Arc::new(records(*n, c.clone()))))
+        .collect()
+}
+
+fn renamed(n: u8, c: usize) -> ContainerRecord {
+    let mut r = container(n, c);
+    r.name = format!("e{c}");
+    r
+}
+
+#[test]
+fn records_from_the_store_are_served_for_members_and_win_over_the_mesh() {
+    let t0 = Instant::now();
+    let mut a = agent(1, &[2, 3], 0, t0);
+    // h2 also speaks the mesh sync; h3 only ever shows up in etcd.
+    a.handle_message(t0, key(2), &part(stamp(1), 0, 1, vec![container(2, 0)]))
+        .unwrap();
+    a.take_changed();
+    let e = renamed(2, 0);
+    a.set_store_records(offered(&[(2, vec![e]), (3, vec![container(3, 5)])]));
+    assert!(a.take_changed());
+    assert_eq!(
+        remote_names(&a),
+        ["e0@h2", "c5@h3"],
+        "h2 from etcd, not mesh"
+    );
+    // The same sets again (a new map, equal values): nothing changes.
+    let e = renamed(2, 0);
+    a.set_store_records(offered(&[(2, vec![e]), (3, vec![container(3, 5)])]));
+    assert!(!a.take_changed());
+    // A non-member's set waits until it joins.
+    a.set_store_records(offered(&[(4, vec![container(4, 1)])]));
+    assert_eq!(remote_names(&a), ["c0@h2"], "h2 falls back to the mesh");
+    a.set_members(
+        &Membership {
+            peers: vec![spec(2), spec(3), spec(4)],
+        },
+        t0,
+    );
+    assert_eq!(remote_names(&a), ["c0@h2", "c1@h4"]);
+}
+
+#[test]
+fn store_records_are_validated_like_a_mesh_snapshot() {
+    let t0 = Instant::now();
+    let mut a = agent(1, &[2], 0, t0);
+    let mut foreign = container(2, 3);
+    foreign.address = [10, 42, 1, 9].into();
+    let mut dotted = container(2, 1);
+    dotted.name = "a.b".into();
+    let mut other_name = records(2, vec![]);
+    other_name.host = "h9".into();
+    let mut other_address = records(2, vec![]);
+    other_address.address = [10, 42, 2, 7].into();
+    let too_many = records(
+        2,
+        (0..=MAX_CONTAINERS_PER_HOST)
+            .map(|i| container(2, i))
+            .collect(),
+    );
+    for bad in [
+        records(2, vec![foreign]),
+        records(2, vec![dotted]),
+        other_name,
+        other_address,
+        too_many,
+    ] {
+        a.set_store_records([("h2".to_owned(), Arc::new(bad))].into());
+        assert!(remote_names(&a).is_empty());
+        assert!(a.hosts().len() == 1, "nothing served for h2");
+    }
+    // A valid set is taken; a bad update leaves it in force.
+    a.set_store_records(offered(&[(2, vec![container(2, 0)])]));
+    assert_eq!(remote_names(&a), ["c0@h2"]);
+    let mut bad = container(2, 1);
+    bad.address = [10, 42, 3, 1].into();
+    a.take_changed();
+    a.set_store_records(offered(&[(2, vec![bad])]));
+    assert!(!a.take_changed());
+    assert_eq!(remote_names(&a), ["c0@h2"]);
+}
+
+#[test]
+fn store_records_are_withdrawn_only_when_their_key_or_member_goes() {
+    let t0 = Instant::now();
+    let mut a = agent(1, &[2, 3], 0, t0);
+    a.set_store_records(offered(&[
+        (2, vec![container(2, 0)]),
+        (3, vec![container(3, 0)]),
+    ]));
+    // Silence on the mesh does not withdraw what etcd holds.
+    a.handle_timeout(t0 + WITHDRAW * 3);
+    assert_eq!(remote_names(&a), ["c0@h2", "c0@h3"]);
+    a.take_changed();
+    // Key deleted (lease expired, decommission): withdrawn.
+    a.set_store_records(offered(&[(3, vec![container(3, 0)])]));
+    assert!(a.take_changed());
+    assert_eq!(remote_names(&a), ["c0@h3"]);
+    // Member gone: withdrawn; member back: served again.
+    a.set_members(
+        &Membership {
+            peers: vec![spec(2)],
+        },
+        t0,
+    );
+    assert!(remote_names(&a).is_empty());
+    a.set_members(
+        &Membership {
+            peers: vec![spec(2), spec(3)],
+        },
+        t0,
+    );
+    assert_eq!(remote_names(&a), ["c0@h3"]);
+    // A member whose block moved: its set is checked against the new
+    // block (and refused, its addresses being in the old one).
+    let mut moved = spec(3);
+    moved.subnet = "10.42.33.0/24".parse().unwrap();
+    a.set_members(
+        &Membership {
+            peers: vec![spec(2), moved],
+        },
+        t0,
+    );
+    assert!(remote_names(&a).is_empty());
+}
+
+#[test]
+fn precedence_follows_first_acceptance_across_both_sources() {
+    let t0 = Instant::now();
+    let mut a = agent(1, &[2, 3], 0, t0);
+    // h3 over the mesh first, then h2 from etcd, then h3 from etcd too:
+    // h3 keeps its earlier place.
+    a.handle_message(t0, key(3), &part(stamp(1), 0, 1, vec![container(3, 0)]))
+        .unwrap();
+    a.set_store_records(offered(&[(2, vec![container(2, 0)])]));
+    assert_eq!(remote_names(&a), ["c0@h3", "c0@h2"]);
+    a.set_store_records(offered(&[
+        (2, vec![container(2, 0)]),
+        (3, vec![container(3, 1)]),
+    ]));
+    assert_eq!(remote_names(&a), ["c1@h3", "c0@h2"]);
+}

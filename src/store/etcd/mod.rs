@@ -1,6 +1,8 @@
 //! The etcd shell: joins the cluster (cluster settings, block claim, host
 //! record on a lease), then keeps the lease alive and the view current,
-//! publishing `Membership` to the agent and a `StoreReport` for `meshctl`.
+//! publishing `Membership` and other hosts' DNS records to the agent and a
+//! `StoreReport` for `meshctl`, and writing this host's DNS records
+//! (`records`) on its lease.
 //!
 //! Every decision (which block, what an event changes, who is a peer, how
 //! long to wait) is made by the pure modules beside this one. Must never:
@@ -9,6 +11,7 @@
 //! backoff, or block the agent's packet loop.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -17,6 +20,7 @@ use etcd_client::{
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 
+mod records;
 mod session;
 use session::Session;
 
@@ -25,6 +29,8 @@ use super::layout::{self, BlockRecord, ClusterRecord, HostRecord, Layout};
 use super::status::StoreReport;
 use super::view::{self, Snapshot, View};
 use crate::config::{Config, StoreConfig};
+use crate::dns::HostRecords;
+use crate::dns::sync::StoreRecords;
 use crate::keys::{PresharedKey, PublicKey};
 use crate::membership::Membership;
 
@@ -80,6 +86,11 @@ pub struct Started {
     pub cluster: ClusterRecord,
     pub membership: watch::Receiver<Membership>,
     pub report: watch::Receiver<StoreReport>,
+    /// Other hosts' DNS records as etcd holds them.
+    pub records: watch::Receiver<StoreRecords>,
+    /// This host's DNS records, for the store to write (`None`: nothing
+    /// to write yet).
+    pub publish: watch::Sender<Option<Arc<HostRecords>>>,
 }
 
 /// This host, as the store task needs it.
@@ -138,14 +149,20 @@ pub async fn start(member: Member, store: &StoreConfig) -> Result<Started, Store
     };
     let (membership_tx, membership) = watch::channel(session.membership());
     let (report_tx, report) = watch::channel(StoreReport::default());
+    let (records_tx, records) = watch::channel(session.view.host_records(&own.name));
+    let (publish, local) = watch::channel(None);
     session.membership_tx = Some(membership_tx);
     session.report_tx = Some(report_tx);
+    session.records_tx = Some(records_tx);
+    session.local = Some(local);
     session.publish();
     let started = Started {
         block: session.block,
         cluster: session.cluster,
         membership,
         report,
+        records,
+        publish,
     };
     tokio::spawn(session.run());
     Ok(started)
@@ -354,9 +371,10 @@ async fn call<T>(
     }
 }
 
-/// `meshctl decommission`: frees a host's blocks and deletes its record in
-/// one compare-and-swap (each block's value and the host key's revision
-/// must be as read), so a concurrent re-registration is not lost silently.
+/// `meshctl decommission`: frees a host's blocks and deletes its host and
+/// DNS records in one compare-and-swap (each block's value and the host
+/// key's revision must be as read), so a concurrent re-registration is not
+/// lost silently.
 pub async fn decommission(store: &StoreConfig, name: &str) -> Result<Vec<Ipv4Net>, StoreError> {
     let layout = Layout::new(&store.prefix);
     let mut client = connect(store).await?;
@@ -394,6 +412,10 @@ pub async fn decommission(store: &StoreConfig, name: &str) -> Result<Vec<Ipv4Net
             Compare::mod_revision(host_key.clone(), CompareOp::Equal, host_rev)
         });
         deletes.push(TxnOp::delete(host_key, None));
+        // The DNS records go with the host (no compare: nothing else
+        // depends on them, and a stale set would only linger until the
+        // host's lease ran out).
+        deletes.push(TxnOp::delete(layout.records(name), None));
         let txn = etcd_client::Txn::new().when(compares).and_then(deletes);
         if call(store, client.txn(txn)).await?.succeeded() {
             return Ok(freed);

@@ -1,6 +1,7 @@
 //! The store task's connected life: one session per connection, run
 //! again with jittered backoff after each failure; lease keep-alives,
-//! watch events, re-lists after compaction, the snapshot on disk.
+//! watch events, re-lists after compaction, the snapshot on disk, and
+//! this host's DNS records written when they change (`super::records`).
 //!
 //! Must never: remove a peer on a connection error, re-put the host record
 //! to keep it alive, or watch a compacted revision twice.
@@ -12,12 +13,15 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchStream};
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 
+use super::records::{Local, local_changed};
 use super::{COALESCE, Own, PERSIST_EVERY, StoreError, call, connect, host_value, try_register};
 use crate::config::StoreConfig;
+use crate::dns::sync::StoreRecords;
 use crate::membership::Membership;
 use crate::store::backoff::Backoff;
 use crate::store::claim::Plan;
 use crate::store::layout::{ClusterRecord, Layout};
+use crate::store::pace::Pacer;
 use crate::store::status::{StoreReport, StoreStatus};
 use crate::store::view::{self, Event, Snapshot, View};
 
@@ -48,6 +52,12 @@ pub(super) struct Session {
     pub(super) flush_at: Option<tokio::time::Instant>,
     pub(super) membership_tx: Option<watch::Sender<Membership>>,
     pub(super) report_tx: Option<watch::Sender<StoreReport>>,
+    /// Other hosts' DNS records, to the agent.
+    pub(super) records_tx: Option<watch::Sender<StoreRecords>>,
+    /// This host's DNS records, from the agent.
+    pub(super) local: Option<Local>,
+    /// When this host's records are next written.
+    pub(super) records_pace: Pacer,
 }
 
 impl Session {
@@ -75,6 +85,9 @@ impl Session {
             flush_at: None,
             membership_tx: None,
             report_tx: None,
+            records_tx: None,
+            local: None,
+            records_pace: Pacer::default(),
         }
     }
 
@@ -140,6 +153,9 @@ impl Session {
         let lease = self.lease.ok_or(StoreError::LeaseLost)?;
         let (keeper, kept) = call(&self.store, client.lease_keep_alive(lease)).await?;
         let watch = self.open_watch(&mut client).await?;
+        // A new session checks the records key (a new lease, a missed
+        // delete): a GET, and a put only if it differs.
+        self.schedule_records();
         Ok(Live {
             client,
             keeper,
@@ -156,6 +172,7 @@ impl Session {
         let mut persist = tokio::time::interval(PERSIST_EVERY);
         loop {
             let flush_at = self.flush_at;
+            let records_due = self.records_pace.due().map(tokio::time::Instant::from_std);
             let step = tokio::select! {
                 _ = renew.tick() => call(&self.store, live.keeper.keep_alive()).await,
                 msg = live.kept.message() => self.on_keep_alive(msg, ttl),
@@ -173,6 +190,12 @@ impl Session {
                     self.flush_membership();
                     Ok(())
                 }
+                () = local_changed(&mut self.local) => {
+                    self.schedule_records();
+                    Ok(())
+                }
+                () = tokio::time::sleep_until(records_due.unwrap_or_else(tokio::time::Instant::now)),
+                    if records_due.is_some() => self.write_records(&mut live.client).await,
             };
             if let Err(e) = step {
                 return e;
@@ -296,6 +319,7 @@ impl Session {
             );
         }
         self.changed();
+        self.check_own_records();
         Ok(())
     }
 
@@ -332,6 +356,7 @@ impl Session {
         self.view.revision = self.view.revision.max(header_rev);
         if !resp.events().is_empty() {
             self.changed();
+            self.check_own_records();
         }
         // Our record gone (lease expired while etcd could not hear us, or
         // deleted by hand): register again, if the block is still ours.
@@ -352,6 +377,7 @@ impl Session {
 
     fn flush_membership(&mut self) {
         self.flush_at = None;
+        self.publish_records();
         let fresh = self.membership();
         if let Some(tx) = &self.membership_tx {
             tx.send_if_modified(|m| {
