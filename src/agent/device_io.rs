@@ -22,6 +22,11 @@ const READ_BUFFER: usize = 65536;
 /// A split segment never exceeds the device MTU; this covers any MTU an
 /// Ethernet underlay allows with room to spare.
 const SEGMENT_BUFFER: usize = 9216;
+/// Room in each buffer for the device writes: a coalesced TCP flow grows
+/// to 64 KiB, and tun-rs wants twice the virtio header on top. Capacity
+/// that is never written is never resident: only the first packet of each
+/// flow in a batch grows into it.
+const COALESCE_BUFFER: usize = 65536 + 2 * VIRTIO_NET_HDR_LEN;
 /// Destination and source MAC, EtherType.
 const ETHERNET_HEADER: usize = 14;
 /// virtio-net header fields (include/uapi/linux/virtio_net.h).
@@ -215,11 +220,11 @@ impl DeviceIo {
         let mut n = 0;
         for packet in packets.take(IDEAL_BATCH_SIZE) {
             if self.pending.len() == n {
-                self.pending.push(Vec::with_capacity(2048));
+                self.pending.push(Vec::with_capacity(COALESCE_BUFFER));
             }
-            // A buffer a coalesced flow grew keeps its room (at most 64
-            // KiB each, IDEAL_BATCH_SIZE of them): growing it anew every
-            // batch would copy each super-packet several times.
+            // tun-rs coalesces only into a buffer whose capacity already
+            // holds the result (it never grows one): with room for one
+            // packet, every write carried a single packet.
             let buf = &mut self.pending[n];
             buf.clear();
             buf.resize(VIRTIO_NET_HDR_LEN, 0);
