@@ -7,10 +7,12 @@
 //! system call per super-packet instead of one per 1420 bytes. Without it,
 //! one packet per read and per write, as before. A TAP device (frames)
 //! splits the same way behind the Ethernet header, which is copied onto
-//! every segment; its writes are not coalesced (tun-rs's GRO reads IP
-//! packets only), each frame going out behind an empty virtio header. Must never: look into a
-//! packet beyond what the splitting and coalescing need (decisions are the
-//! core's), reorder packets, or hold more than one batch of buffers.
+//! every segment; its writes are coalesced by the same GRO (which reads
+//! IP packets only) with the Ethernet header staged in front of the
+//! virtio header and moved behind it before the write. Must never: look
+//! into a packet beyond what the splitting and coalescing need (decisions
+//! are the core's), reorder packets, coalesce frames of one flow bound for
+//! different MACs, or hold more than one batch of buffers.
 
 use std::io;
 
