@@ -34,6 +34,10 @@ pub struct FloodReport {
     pub pings_answered: usize,
     pub rtt_p50_ms: Option<f64>,
     pub rtt_p99_ms: Option<f64>,
+    /// Datagrams the target's kernel dropped because the agent's socket
+    /// buffer was full (Udp RcvbufErrors in its namespace): lost pings
+    /// with a high count here were lost before the agent saw them.
+    pub rcvbuf_errors: u64,
 }
 
 impl FloodReport {
@@ -52,6 +56,7 @@ pub struct Flood {
     pid: u32,
     pinger_ns: String,
     overlay: Ipv4Addr,
+    target_ns: String,
 }
 
 /// Prepares a flood of host `target`'s agent from host `flooder`'s
@@ -89,6 +94,7 @@ pub fn plan(
             .context("the target agent is not running")?,
         pinger_ns: bed.hosts[pinger].ns.clone(),
         overlay: bed.hosts[target].overlay,
+        target_ns: bed.hosts[target].ns.clone(),
     })
 }
 
@@ -97,6 +103,7 @@ impl Flood {
     pub fn run(self, seconds: u64) -> Result<FloodReport> {
         let ticks = measure::clock_ticks_per_second()?;
         let before = measure::sample_process(self.pid, ticks)?;
+        let rcvbuf_before = udp_rcvbuf_errors(&self.target_ns)?;
         let pings = (seconds * 20) as u32;
         let (pinger_ns, overlay) = (self.pinger_ns.clone(), self.overlay.to_string());
         let ping = std::thread::spawn(move || {
@@ -113,6 +120,7 @@ impl Flood {
         })?;
         let elapsed = started.elapsed().as_secs_f64();
         let after = measure::sample_process(self.pid, ticks)?;
+        let rcvbuf_errors = udp_rcvbuf_errors(&self.target_ns)?.saturating_sub(rcvbuf_before);
         let output = ping
             .join()
             .map_err(|_| anyhow::anyhow!("the ping thread panicked"))??;
@@ -127,8 +135,29 @@ impl Flood {
             pings_answered: rtts.len(),
             rtt_p50_ms: measure::percentile(&rtts, 50.0),
             rtt_p99_ms: measure::percentile(&rtts, 99.0),
+            rcvbuf_errors,
         })
     }
+}
+
+/// Udp RcvbufErrors of namespace `ns` (/proc/net/snmp: a header line of
+/// field names, then a line of values).
+fn udp_rcvbuf_errors(ns: &str) -> Result<u64> {
+    let out = exec_in(ns, &["cat", "/proc/net/snmp"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next(), udp.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        anyhow::bail!("no Udp lines in /proc/net/snmp of {ns}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .context("no RcvbufErrors in /proc/net/snmp")?
+        .1
+        .parse()
+        .context("RcvbufErrors is not a number")
 }
 
 /// One initiation to `target` from a key it does not know: a valid mac1,
