@@ -18,7 +18,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use meshnet::config::Mode;
-use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, require_tools};
 use serde_json::Value;
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_meshnet-cni");
@@ -53,16 +53,10 @@ struct Podman {
 
 impl Podman {
     fn new(host_ns: &str, control_socket: &Path) -> Self {
-        for tool in ["podman", "runc", "nsenter", "busybox"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .unwrap();
-            assert!(
-                found.status.success(),
-                "{tool} missing: scripts/deps.sh podman containernetworking-plugins runc busybox-static"
-            );
-        }
+        require_tools(
+            &["podman", "runc", "nsenter", "busybox"],
+            "scripts/deps.sh podman containernetworking-plugins runc busybox-static",
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         for sub in ["plugins", "net.d", "image"] {

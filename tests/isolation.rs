@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use meshnet::config::Mode;
 use meshnet::core::ethernet::Mac;
-use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, neighbour_mac, wait_until};
+use meshnet_testbed::{
+    Binaries, MeshOptions, Testbed, exec_in, neighbour_mac, require_tools, wait_until,
+};
 
 const SERVICE: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 250);
 
@@ -26,16 +28,10 @@ fn bins() -> Binaries {
 }
 
 fn tap_mesh(tag: &str) -> Testbed {
-    for tool in ["nft", "dig", "python3"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .unwrap();
-        assert!(
-            found.status.success(),
-            "{tool} is missing: run scripts/test.sh (installs nftables and dnsutils; python3 is expected)"
-        );
-    }
+    require_tools(
+        &["nft", "dig", "python3"],
+        "run scripts/test.sh (installs nftables and dnsutils; python3 is expected)",
+    );
     let options = MeshOptions {
         hosts: 2,
         keepalive: Some(1),

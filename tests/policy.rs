@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use meshnet::config::Mode;
 use meshnet_testbed::{
-    Binaries, METRICS_LISTEN, MeshOptions, Testbed, exec_in, promtool_check, wait_until,
+    Binaries, METRICS_LISTEN, MeshOptions, Testbed, exec_in, promtool_check, require_tools,
+    wait_until,
 };
 
 fn bins() -> Binaries {
@@ -54,23 +55,17 @@ port = "5432/tcp"
 expect = "allow"
 "#;
 
-fn require_tools() {
-    for tool in ["nft", "dig", "python3", "ping"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .unwrap();
-        assert!(
-            found.status.success(),
-            "{tool} is missing: run scripts/test.sh (installs nftables, dnsutils, iputils-ping)"
-        );
-    }
+fn require_policy_tools() {
+    require_tools(
+        &["nft", "dig", "python3", "ping"],
+        "run scripts/test.sh (installs nftables, dnsutils, iputils-ping)",
+    );
 }
 
 /// Three TAP hosts (h1, h2, h3 at indices 0-2); `with_policy[i]` says
 /// whether host i has [policy].
 fn mesh(tag: &str, with_policy: [bool; 3]) -> Testbed {
-    require_tools();
+    require_policy_tools();
     let options = MeshOptions {
         hosts: 3,
         keepalive: Some(1),

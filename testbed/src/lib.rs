@@ -1089,3 +1089,15 @@ pub fn promtool_check(text: &str) -> Result<Output> {
         .write_all(text.as_bytes())?;
     Ok(child.wait_with_output()?)
 }
+
+/// Fails loudly, naming the tool and how to get it, when a tool a test
+/// needs is not on PATH (tests never skip).
+pub fn require_tools(tools: &[&str], hint: &str) {
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(found, "{tool} is missing: {hint}");
+    }
+}
