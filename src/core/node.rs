@@ -250,13 +250,28 @@ impl Node {
         self.forward(now, packet, addrs.destination, out);
     }
 
+    /// Whether the policy denies a packet from this host's side; with
+    /// `reject`, the local sender is told.
+    fn denied(
+        &mut self,
+        now: Instant,
+        direction: Direction,
+        packet: &[u8],
+        out: &mut Outbox,
+    ) -> bool {
+        if self.policy.check(now, direction, packet).action == Action::Allow {
+            return false;
+        }
+        if self.policy.rules().policy.reject {
+            self.reply_prohibited(packet, out);
+        }
+        true
+    }
+
     /// TAP mode under a policy that can deny: one container to another of
     /// this host, through the agent so the policy sees it.
     fn hairpin(&mut self, now: Instant, packet: &[u8], out: &mut Outbox) {
-        if self.policy.check(now, Direction::Local, packet).action == Action::Deny {
-            if self.policy.rules().policy.reject {
-                self.reply_prohibited(packet, out);
-            }
+        if self.denied(now, Direction::Local, packet, out) {
             return self.drop(DropReason::PolicyLocal);
         }
         let room = out.spare(ETHERNET_HEADER + packet.len());
@@ -320,10 +335,7 @@ impl Node {
         if packet::targets_sync_port(packet, peer_host, SYNC_PORT) {
             return self.drop(DropReason::SyncPort);
         }
-        if self.policy.check(now, Direction::Egress, packet).action == Action::Deny {
-            if self.policy.rules().policy.reject {
-                self.reply_prohibited(packet, out);
-            }
+        if self.denied(now, Direction::Egress, packet, out) {
             return self.drop(DropReason::PolicyEgress);
         }
         let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
@@ -549,32 +561,32 @@ impl Node {
     }
 
     fn reply_unreachable(&mut self, packet: &[u8], out: &mut Outbox) {
-        if self.icmp_budget == 0 {
-            return;
-        }
-        let headroom = self.headroom();
-        let room = out.spare(headroom + ICMP_ERROR_MAX);
-        let start = room.as_ptr();
-        if let Some(len) = packet::host_unreachable(packet, &mut room[headroom..]) {
-            let placed = Placed::within(start, &room[headroom..headroom + len]);
-            self.icmp_budget -= 1;
-            self.deliver(placed, out);
-        }
+        self.reply_error(packet, out, packet::host_unreachable);
     }
 
     /// The policy's `reject`: tells the local sender at once (a TCP reset,
-    /// else ICMP administratively prohibited), within the budget of ICMP
-    /// errors.
+    /// else ICMP administratively prohibited).
     fn reply_prohibited(&mut self, packet: &[u8], out: &mut Outbox) {
+        self.reply_error(packet, out, |p, room| {
+            packet::tcp_reset(p, room).or_else(|| packet::prohibited(p, room))
+        });
+    }
+
+    /// Writes the answer `write` makes about `packet` back to the device,
+    /// within the per-second budget of errors the agent originates.
+    fn reply_error(
+        &mut self,
+        packet: &[u8],
+        out: &mut Outbox,
+        write: impl FnOnce(&[u8], &mut [u8]) -> Option<usize>,
+    ) {
         if self.icmp_budget == 0 {
             return;
         }
         let headroom = self.headroom();
         let room = out.spare(headroom + ICMP_ERROR_MAX);
         let start = room.as_ptr();
-        let written = packet::tcp_reset(packet, &mut room[headroom..])
-            .or_else(|| packet::prohibited(packet, &mut room[headroom..]));
-        if let Some(len) = written {
+        if let Some(len) = write(packet, &mut room[headroom..]) {
             let placed = Placed::within(start, &room[headroom..headroom + len]);
             self.icmp_budget -= 1;
             self.deliver(placed, out);

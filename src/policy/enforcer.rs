@@ -60,6 +60,9 @@ pub type CounterKey = (Direction, Tier, Option<Arc<str>>);
 #[derive(Debug)]
 pub struct Enforcer {
     rules: Arc<Rules>,
+    /// Whether `rules` can deny anything: derived once per swap, so a
+    /// packet under an allow-all policy costs one branch.
+    can_deny: bool,
     /// The rules' names, shared with the counters and drop records.
     rule_names: Vec<Arc<str>>,
     conntrack: Conntrack,
@@ -79,6 +82,7 @@ impl Enforcer {
     pub fn new(rules: Arc<Rules>) -> Self {
         let mut enforcer = Self {
             rules: Arc::new(Rules::default()),
+            can_deny: false,
             rule_names: Vec::new(),
             conntrack: Conntrack::default(),
             counters: HashMap::new(),
@@ -99,6 +103,7 @@ impl Enforcer {
             .iter()
             .map(|r| Arc::from(r.name.as_str()))
             .collect();
+        self.can_deny = !rules.policy.allows_everything();
         self.rules = rules;
     }
 
@@ -109,13 +114,13 @@ impl Enforcer {
     /// Whether any packet can be denied (else the agent stays out of the
     /// way of same-host traffic).
     pub fn can_deny(&self) -> bool {
-        !self.rules.policy.allows_everything()
+        self.can_deny
     }
 
     /// Whether `packet` may pass in `direction`; a denied one is counted
     /// and remembered. Without a policy that can deny, this is one branch.
     pub fn check(&mut self, now: Instant, direction: Direction, packet: &[u8]) -> Decision {
-        if self.rules.policy.allows_everything() {
+        if !self.can_deny {
             return ALLOWED;
         }
         let decision = match conntrack::classify(packet) {
