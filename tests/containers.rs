@@ -14,10 +14,7 @@ use meshnet::core::PeerState;
 use meshnet_testbed::{Binaries, MeshOptions, Testbed, neighbour_mac, wait_until};
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 fn tap_mesh(tag: &str) -> Testbed {

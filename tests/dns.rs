@@ -15,10 +15,7 @@ use meshnet_testbed::dns::{self, Dnsmasq, UPSTREAM};
 use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, wait_until};
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 fn dig(ns: &str, args: &[&str]) -> String {

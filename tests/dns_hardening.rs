@@ -18,10 +18,7 @@ use meshnet_testbed::{Binaries, MeshOptions, Testbed, wait_until};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 /// One TAP host using `UPSTREAM`, with containers `c1` (web1) and `c2`

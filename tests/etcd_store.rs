@@ -26,10 +26,7 @@ use meshnet_testbed::etcd::{Etcd, use_store};
 use meshnet_testbed::{Binaries, MeshOptions, Testbed, wait_until};
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 fn store(url: &str, prefix: &str) -> StoreConfig {

@@ -31,10 +31,7 @@ use meshnet_testbed::{
 use ring::digest::{Context as Sha, SHA256};
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 const MIB: u64 = 1 << 20;

@@ -16,10 +16,7 @@ use meshnet::core::{PeerState, PeerStatus};
 use meshnet_testbed::{Binaries, MeshOptions, Testbed, wait_until};
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 fn all_up(peers: &[PeerStatus], expected: usize) -> bool {

@@ -17,10 +17,7 @@ use meshnet_testbed::flood::plan;
 use meshnet_testbed::{Binaries, MeshOptions, Testbed, wait_until};
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 const TARGET: usize = 0;

@@ -21,10 +21,7 @@ use meshnet_testbed::{
 const SERVICE: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 250);
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 fn tap_mesh(tag: &str) -> Testbed {

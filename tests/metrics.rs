@@ -21,10 +21,7 @@ use meshnet_testbed::{
 const METRICS: &str = METRICS_LISTEN;
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 /// Two hosts, h1 serving metrics on its namespace's loopback.

@@ -22,10 +22,7 @@ use meshnet_testbed::{
 };
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 const POLICY: &str = r#"

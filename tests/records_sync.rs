@@ -20,10 +20,7 @@ use meshnet_testbed::{
 };
 
 fn bins() -> Binaries {
-    Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    }
+    meshnet_testbed::this_build!()
 }
 
 const H1: Ipv4Addr = Ipv4Addr::new(10, 42, 1, 1);

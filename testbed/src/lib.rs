@@ -1101,3 +1101,15 @@ pub fn require_tools(tools: &[&str], hint: &str) {
         assert!(found, "{tool} is missing: {hint}");
     }
 }
+
+/// The meshd and meshctl of the build running the calling test: cargo
+/// names them to integration tests only, so this expands in the caller.
+#[macro_export]
+macro_rules! this_build {
+    () => {
+        $crate::Binaries {
+            meshd: env!("CARGO_BIN_EXE_meshd").into(),
+            meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
+        }
+    };
+}
