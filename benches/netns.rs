@@ -39,6 +39,7 @@ use serde::Serialize;
 enum Tunnel {
     Veth,
     Meshd,
+    MeshdSendThread,
     MeshdNoOffload,
     MeshdTap,
     WireguardGo,
@@ -51,6 +52,7 @@ impl Tunnel {
         match self {
             Tunnel::Veth => "veth",
             Tunnel::Meshd => "meshd",
+            Tunnel::MeshdSendThread => "meshd-2threads",
             Tunnel::MeshdNoOffload => "meshd-nooffl",
             Tunnel::MeshdTap => "meshd-tap",
             Tunnel::WireguardGo => "wireguard-go",
@@ -62,7 +64,7 @@ impl Tunnel {
     fn is_meshd(self) -> bool {
         matches!(
             self,
-            Tunnel::Meshd | Tunnel::MeshdNoOffload | Tunnel::MeshdTap
+            Tunnel::Meshd | Tunnel::MeshdSendThread | Tunnel::MeshdNoOffload | Tunnel::MeshdTap
         )
     }
 
@@ -114,6 +116,7 @@ fn main() -> Result<()> {
         let mut tunnels = vec![
             Tunnel::Veth,
             Tunnel::Meshd,
+            Tunnel::MeshdSendThread,
             Tunnel::MeshdNoOffload,
             Tunnel::MeshdTap,
             Tunnel::WireguardGo,
@@ -211,8 +214,15 @@ fn set_up(tunnel: Tunnel, bins: &Binaries) -> Result<Setup> {
     };
     match tunnel {
         Tunnel::Veth => {}
-        Tunnel::Meshd | Tunnel::MeshdNoOffload | Tunnel::MeshdTap => {
-            setup.bed.start_all()?;
+        Tunnel::Meshd | Tunnel::MeshdSendThread | Tunnel::MeshdNoOffload | Tunnel::MeshdTap => {
+            // The send stage's thread (on by default from four cores) is
+            // what a second core per host is for.
+            let env: &[(&str, &str)] = if tunnel == Tunnel::MeshdSendThread {
+                &[("MESHNET_SEND_THREAD", "1")]
+            } else {
+                &[]
+            };
+            setup.bed.start_all_with_env(env)?;
             let up = wait_until(Duration::from_secs(10), || {
                 setup
                     .bed
@@ -310,7 +320,7 @@ fn measure_one(tunnel: Tunnel, s: &Setup, seconds: u64, ticks: f64) -> Result<Sa
 fn tunnel_tx_bytes(tunnel: Tunnel, s: &Setup) -> Result<Option<u64>> {
     match tunnel {
         Tunnel::Veth => Ok(None),
-        Tunnel::Meshd | Tunnel::MeshdNoOffload | Tunnel::MeshdTap => {
+        Tunnel::Meshd | Tunnel::MeshdSendThread | Tunnel::MeshdNoOffload | Tunnel::MeshdTap => {
             Ok(s.bed.peers(0)?.first().map(|p| p.tx_bytes))
         }
         Tunnel::WireguardGo | Tunnel::Gotatun | Tunnel::BoringtunCli => {

@@ -15,6 +15,7 @@
 //! different MACs, or hold more than one batch of buffers.
 
 use std::io;
+use std::sync::Arc;
 
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
 
@@ -39,8 +40,9 @@ const GSO_UDP_L4: u8 = 5;
 const GSO_ECN: u8 = 0x80;
 const F_NEEDS_CSUM: u8 = 1;
 
+/// The reading half of the device, driven by the agent task.
 pub struct DeviceIo {
-    device: AsyncDevice,
+    device: Arc<AsyncDevice>,
     offload: bool,
     /// TAP: reads and writes are Ethernet frames.
     frames: bool,
@@ -49,6 +51,14 @@ pub struct DeviceIo {
     /// The packets of the last read (split segments with offload).
     packets: Vec<Vec<u8>>,
     sizes: Vec<usize>,
+}
+
+/// The writing half, used by one writer at a time (the send stage).
+/// Writes are plain system calls: a TUN/TAP write never waits.
+pub struct DeviceWriter {
+    device: Arc<AsyncDevice>,
+    offload: bool,
+    frames: bool,
     /// Offload: packets to write, each behind room for the virtio header;
     /// coalescing appends to the first of a flow.
     pending: Vec<Vec<u8>>,
@@ -66,7 +76,7 @@ impl DeviceIo {
         let mut packets = vec![vec![0u8; SEGMENT_BUFFER]; count];
         packets[0] = vec![0u8; first];
         Self {
-            device,
+            device: Arc::new(device),
             offload,
             frames,
             raw: if offload {
@@ -76,6 +86,15 @@ impl DeviceIo {
             },
             packets,
             sizes: vec![0; count],
+        }
+    }
+
+    /// The writing half. Make one: writes from two writers could interleave.
+    pub fn writer(&self) -> DeviceWriter {
+        DeviceWriter {
+            device: Arc::clone(&self.device),
+            offload: self.offload,
+            frames: self.frames,
             pending: Vec::new(),
             gro: GROTable::new(),
         }
@@ -177,14 +196,16 @@ impl DeviceIo {
     pub fn packet(&self, i: usize) -> &[u8] {
         &self.packets[i][..self.sizes[i]]
     }
+}
 
+impl DeviceWriter {
     /// Writes `packets` in order; returns how many writes failed (each a
     /// counted drop for the caller).
-    pub async fn send_all<'a>(&mut self, packets: impl Iterator<Item = &'a [u8]>) -> u64 {
+    pub fn write_all<'a>(&mut self, packets: impl Iterator<Item = &'a [u8]>) -> u64 {
         if !self.offload {
             let mut failed = 0;
             for packet in packets {
-                if let Err(e) = self.device.send(packet).await {
+                if let Err(e) = self.write(packet) {
                     tracing::debug!(error = %e, "device write failed");
                     failed += 1;
                 }
@@ -195,14 +216,15 @@ impl DeviceIo {
         let mut packets = packets.peekable();
         while packets.peek().is_some() {
             if self.frames {
-                failed += self.send_frames(&mut packets).await;
+                failed += self.write_frames(&mut packets);
                 continue;
             }
             let n = self.stage(&mut packets);
-            let sent = self
-                .device
-                .send_multiple(&mut self.gro, &mut self.pending[..n], VIRTIO_NET_HDR_LEN)
-                .await;
+            // The device's own (blocking-style) write path: tun-rs's async
+            // one would wait on the agent thread's runtime.
+            let device: &tun_rs::DeviceImpl = &self.device;
+            let sent =
+                device.send_multiple(&mut self.gro, &mut self.pending[..n], VIRTIO_NET_HDR_LEN);
             if let Err(e) = sent {
                 tracing::debug!(error = %e, "device write failed");
                 failed += 1;
@@ -217,7 +239,7 @@ impl DeviceIo {
     /// header][IP packet] and the first two swap places before the write.
     /// Frames of one IP flow with different Ethernet headers (a MAC that
     /// changed within the batch) turn coalescing off for that batch.
-    async fn send_frames<'a>(&mut self, frames: &mut impl Iterator<Item = &'a [u8]>) -> u64 {
+    fn write_frames<'a>(&mut self, frames: &mut impl Iterator<Item = &'a [u8]>) -> u64 {
         let mut failed = 0;
         let mut n = 0;
         for frame in frames.take(IDEAL_BATCH_SIZE) {
@@ -244,7 +266,7 @@ impl DeviceIo {
             // With coalescing off (or failed), every frame goes out behind
             // an all-zero virtio header: not segmented, checksums done.
             let written = match tap_frame(buf, coalesce) {
-                Ok(true) => self.device.send(buf).await.map(drop),
+                Ok(true) => write_to(&self.device, buf),
                 Ok(false) => continue,
                 Err(e) => Err(e),
             };
@@ -274,6 +296,15 @@ impl DeviceIo {
         }
         n
     }
+
+    fn write(&self, bytes: &[u8]) -> io::Result<()> {
+        write_to(&self.device, bytes)
+    }
+}
+
+fn write_to(device: &tun_rs::DeviceImpl, bytes: &[u8]) -> io::Result<()> {
+    rustix::io::write(device, bytes)?;
+    Ok(())
 }
 
 /// Where a staged frame's IP packet starts: behind its Ethernet header and

@@ -3,9 +3,10 @@
 //!
 //! One task owns the `Node` and selects over device, socket, timer, control
 //! requests, membership changes and finished container operations; each
-//! wake-up reads a batch of what is ready and flushes the core's `Outbox`
-//! in one go. Must never: make a decision about a packet (that is the
-//! core's job), spawn a task or take a lock per packet, or wait on a
+//! wake-up reads a batch of what is ready and hands the core's `Outbox` to
+//! the send stage in one go (written on a thread of its own where the host
+//! has cores to spare). Must never: make a decision about a packet (that
+//! is the core's job), spawn a task or take a lock per packet, or wait on a
 //! membership source or an `ip` command in the data path.
 
 pub mod containers;
@@ -19,6 +20,7 @@ pub mod netlink;
 pub mod netops;
 pub mod records_sync;
 pub mod reload;
+pub mod send_stage;
 pub mod state;
 pub mod uapi_server;
 pub mod underlay;
@@ -41,6 +43,7 @@ use control_server::{ControlRequest, ControlSocket, ControlSocketError};
 use device::DeviceError;
 use device_io::DeviceIo;
 use netops::NetopsError;
+use send_stage::SendStage;
 use state::StateError;
 use underlay::{Underlay, UnderlayError};
 
@@ -219,6 +222,7 @@ pub async fn run_with_store(
     control.serve(control_tx);
     node.apply_membership(&membership.borrow_and_update());
     let device = DeviceIo::new(tun, config.mode == Mode::Tap);
+    let send = SendStage::new(udp.sender(), device.writer());
     let (udp_gso, udp_gro) = udp.offloads();
     tracing::info!(
         name = %config.name,
@@ -232,6 +236,7 @@ pub async fn run_with_store(
         tun_offload = device.offload(),
         udp_gso,
         udp_gro,
+        send_thread = send.threaded(),
         metrics = ?config.metrics_listen,
         "meshd running"
     );
@@ -242,6 +247,7 @@ pub async fn run_with_store(
         node,
         udp,
         device,
+        send,
         mtu,
         listen,
         started: Instant::now(),
@@ -280,6 +286,7 @@ struct Shell {
     node: Node,
     udp: Underlay,
     device: DeviceIo,
+    send: SendStage,
     mtu: u16,
     listen: SocketAddr,
     started: Instant,
@@ -444,7 +451,9 @@ impl Shell {
                 },
                 read = self.device.recv() => self.device_input(read, &mut out)?,
             }
-            self.flush(&mut out).await;
+            if !out.is_empty() {
+                self.flush(&mut out).await;
+            }
         }
         Ok(())
     }
@@ -520,18 +529,9 @@ impl Shell {
                 self.node.count_sync_backlog();
             }
         }
-        for run in out.network_runs(self.udp.run_limits()) {
-            if let Err(e) = self.udp.send(run.to, run.contents, run.segment).await {
-                tracing::debug!(error = %e, to = %run.to, "send failed");
-                for _ in 0..run.datagrams() {
-                    self.node.count_io_drop();
-                }
-            }
-        }
-        for _ in 0..self.device.send_all(out.device()).await {
+        for _ in 0..self.send.submit(out).await {
             self.node.count_io_drop();
         }
-        out.clear();
     }
 
     /// A reload's new `[policy]`. In TAP mode, whether containers of this

@@ -4,6 +4,9 @@
 //! same port must fail, not share the traffic).
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -67,9 +70,9 @@ const GRO_BUFFER: usize = 65536;
 /// per receive), through quinn-udp, where the kernel offers them. Without
 /// offload, one datagram per system call as before.
 pub struct Underlay {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     /// `None`: offload turned off; plain send_to/recv_from.
-    batched: Option<quinn_udp::UdpSocketState>,
+    batched: Option<Arc<quinn_udp::UdpSocketState>>,
     bufs: Vec<Vec<u8>>,
     meta: Vec<quinn_udp::RecvMeta>,
 }
@@ -100,8 +103,8 @@ impl Underlay {
             (1, GRO_BUFFER)
         };
         Self {
-            socket,
-            batched,
+            socket: Arc::new(socket),
+            batched: batched.map(Arc::new),
             bufs: vec![vec![0u8; size]; count],
             meta: vec![quinn_udp::RecvMeta::default(); count],
         }
@@ -109,16 +112,6 @@ impl Underlay {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
-    }
-
-    /// How sends may be grouped: the GSO segment limit, or one datagram.
-    pub fn run_limits(&self) -> crate::core::outbox::RunLimits {
-        match &self.batched {
-            Some(state) if state.max_gso_segments() > 1 => {
-                crate::core::outbox::RunLimits::gso(state.max_gso_segments())
-            }
-            _ => crate::core::outbox::RunLimits::SINGLE,
-        }
     }
 
     /// (UDP GSO on, UDP GRO on).
@@ -165,7 +158,7 @@ impl Underlay {
             .iter_mut()
             .map(|b| std::io::IoSliceMut::new(b))
             .collect();
-        let socket = &self.socket;
+        let socket = &*self.socket;
         let meta = &mut self.meta;
         let n = socket.try_io(tokio::io::Interest::READABLE, || {
             state.recv(socket.into(), &mut slices, meta)
@@ -180,33 +173,76 @@ impl Underlay {
         Ok(())
     }
 
-    /// Sends `contents` to `to`: one datagram, or `segment`-sized ones
-    /// with GSO.
-    pub async fn send(
-        &self,
-        to: SocketAddr,
-        contents: &[u8],
-        segment: usize,
-    ) -> std::io::Result<()> {
-        let Some(state) = &self.batched else {
-            return self.socket.send_to(contents, to).await.map(drop);
-        };
-        let transmit = quinn_udp::Transmit {
-            destination: to,
-            ecn: None,
-            contents,
-            segment_size: (segment < contents.len()).then_some(segment),
-            src_ip: None,
-        };
-        loop {
-            self.socket.writable().await?;
-            let sent = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-                state.try_send((&self.socket).into(), &transmit)
-            });
-            match sent {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
+    /// The sending half, for the send stage's thread.
+    pub fn sender(&self) -> UnderlaySender {
+        UnderlaySender {
+            socket: Arc::clone(&self.socket),
+            batched: self.batched.clone(),
         }
+    }
+}
+
+/// How long a send waits for room in a full socket buffer before the
+/// datagrams count as dropped.
+const SEND_WAIT: Duration = Duration::from_millis(100);
+
+/// The sending half of the underlay socket. Sends are system calls made
+/// where they are called, on the agent task or the send stage's thread,
+/// never through the runtime's readiness (which only the agent's thread
+/// drives).
+pub struct UnderlaySender {
+    socket: Arc<UdpSocket>,
+    batched: Option<Arc<quinn_udp::UdpSocketState>>,
+}
+
+impl UnderlaySender {
+    /// How sends may be grouped: the GSO segment limit, or one datagram.
+    pub fn run_limits(&self) -> crate::core::outbox::RunLimits {
+        match &self.batched {
+            Some(state) if state.max_gso_segments() > 1 => {
+                crate::core::outbox::RunLimits::gso(state.max_gso_segments())
+            }
+            _ => crate::core::outbox::RunLimits::SINGLE,
+        }
+    }
+
+    /// Sends `contents` to `to`: one datagram, or `segment`-sized ones
+    /// with GSO. A full socket buffer is waited on, once, for at most
+    /// `SEND_WAIT`.
+    pub fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) -> std::io::Result<()> {
+        let attempt = || match &self.batched {
+            Some(state) => {
+                let transmit = quinn_udp::Transmit {
+                    destination: to,
+                    ecn: None,
+                    contents,
+                    segment_size: (segment < contents.len()).then_some(segment),
+                    src_ip: None,
+                };
+                state.try_send((&*self.socket).into(), &transmit)
+            }
+            None => socket2::SockRef::from(&*self.socket)
+                .send_to(contents, &to.into())
+                .map(drop),
+        };
+        match attempt() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.wait_writable()?;
+                attempt()
+            }
+            other => other,
+        }
+    }
+
+    fn wait_writable(&self) -> std::io::Result<()> {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let fd = self.socket.as_fd();
+        let mut fds = [PollFd::new(&fd, PollFlags::OUT)];
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: SEND_WAIT.as_nanos() as _,
+        };
+        poll(&mut fds, Some(&timeout))?;
+        Ok(())
     }
 }

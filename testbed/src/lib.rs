@@ -328,8 +328,14 @@ impl Testbed {
 
     /// Starts every host's agent and waits until each answers.
     pub fn start_all(&mut self) -> Result<()> {
+        self.start_all_with_env(&[])
+    }
+
+    /// `start_all` with extra environment variables for every agent.
+    pub fn start_all_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         for i in 0..self.hosts.len() {
-            self.start(i)?;
+            self.spawn_agent(i, env)?;
+            self.wait_answering(i)?;
         }
         Ok(())
     }
