@@ -146,6 +146,9 @@ fn main() -> Result<()> {
     let ticks = measure::clock_ticks_per_second()?;
     let floor = crypto_floor_seconds_per_gb();
     eprintln!("seal+open floor: {floor:.2} s/GB (ring ChaCha20-Poly1305, 1420 B, one core)");
+    if bench {
+        wake_up_floor(&bins)?;
+    }
     let mut runs = Vec::new();
     for round in 1..=rounds {
         for &tunnel in &tunnels {
@@ -650,6 +653,69 @@ fn cargo_binary(name: &str) -> Option<PathBuf> {
 }
 
 /// Seconds of one core to seal and open a GB of 1420-byte packets with
+/// What one user-space hop costs in round-trip time here: a UDP echo
+/// between the two namespaces (one process woken on each side per round
+/// trip, like a ping to the kernel plus one user-space wake-up) against a
+/// kernel ping over the same veth. A tunnel agent adds a wake-up for each
+/// time a packet reaches it while it sleeps: three per ping in meshd (the
+/// request from the device, the request from the network, the reply from
+/// the network; the reply from the device is already there when the
+/// agent looks again).
+fn wake_up_floor(bins: &Binaries) -> Result<()> {
+    const ROUND_TRIPS: usize = 200;
+    let options = MeshOptions {
+        hosts: 2,
+        keepalive: None,
+        mode: Mode::Tun,
+    };
+    let bed = Testbed::new("wake", &options, bins.clone())?;
+    let (client, server) = (bed.hosts[0].underlay, bed.hosts[1].underlay);
+    let echo = meshnet_testbed::spawn_in_netns(&bed.hosts[1].ns, move || {
+        let socket = std::net::UdpSocket::bind((server, 5400))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 64];
+        for _ in 0..ROUND_TRIPS {
+            let (n, from) = socket.recv_from(&mut buf)?;
+            socket.send_to(&buf[..n], from)?;
+        }
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    let rtts = meshnet_testbed::in_netns(&bed.hosts[0].ns, move || {
+        let socket = std::net::UdpSocket::bind((client, 0))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        socket.connect((server, 5400))?;
+        let mut rtts = Vec::with_capacity(ROUND_TRIPS);
+        let mut buf = [0u8; 64];
+        for _ in 0..ROUND_TRIPS {
+            let sent = Instant::now();
+            socket.send(&[0u8; 56])?;
+            socket.recv(&mut buf)?;
+            rtts.push(sent.elapsed().as_secs_f64() * 1000.0);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(rtts)
+    })?;
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("the echo thread panicked"))??;
+    let s = Setup {
+        target: server,
+        bed,
+        wgs: Vec::new(),
+        pids: Vec::new(),
+    };
+    let pings = ping(&s, ROUND_TRIPS as u32)?;
+    let p50 = |v: &[f64]| measure::percentile(v, 50.0).unwrap_or(f64::NAN);
+    let (echo, kernel) = (p50(&rtts), p50(&pings));
+    eprintln!(
+        "one user-space wake-up: UDP echo over veth p50 {echo:.3} ms, kernel ping {kernel:.3} ms: \
+         {:.3} ms a wake-up (x3 per meshd ping: {:.3} ms)",
+        echo - kernel,
+        3.0 * (echo - kernel)
+    );
+    Ok(())
+}
+
 /// ring's ChaCha20-Poly1305: the least CPU any WireGuard pair (one end
 /// seals, the other opens) can spend per GB. Measured in this run, on this
 /// machine, so the ratio to the tunnels' CPU is fair.
