@@ -30,21 +30,7 @@ fn tap_mesh(tag: &str) -> Testbed {
 }
 
 fn ping(bed: &Testbed, ns: &str, to: Ipv4Addr) -> bool {
-    let out = meshnet_testbed::exec_in(
-        ns,
-        &[
-            "ping",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-q",
-            &to.to_string(),
-        ],
-    )
-    .unwrap();
+    let out = meshnet_testbed::ping_in(ns, to, 2).unwrap();
     out.status.success()
         || panic!(
             "ping {to} from {ns} failed:\n{}\n{}",

@@ -58,7 +58,7 @@ fn run(ns: &str, args: &[&str]) {
     assert!(out.status.success(), "{args:?} in {ns}: {out:?}");
 }
 
-/// The MAC `ns` has cached for `addr`.
+/// The agent's bridge filter on host `i`, as `nft list` prints it.
 fn filter_table(bed: &Testbed, i: usize) -> String {
     let out = bed
         .exec(i, &["nft", "list", "table", "bridge", "meshnet"])
@@ -419,56 +419,4 @@ fn a_tap_agent_without_nft_refuses_to_start() {
         !links.contains(meshnet::config::DEFAULT_BRIDGE),
         "a bridge was made: {links}"
     );
-}
-
-/// Not a check: prints same-host TCP throughput between two containers
-/// with and without the bridge filter, alternating rounds in one run.
-/// `cargo test --test isolation -- --ignored --nocapture same_host`
-#[test]
-#[ignore = "a measurement; run by hand"]
-fn same_host_throughput_with_and_without_the_filter() {
-    let mut bed = tap_mesh("l2perf");
-    let (c1, c2) = (
-        bed.add_container_ns(0, "c1").unwrap(),
-        bed.add_container_ns(0, "c2").unwrap(),
-    );
-    bed.attach(0, &c1, "c1", &[]).unwrap();
-    let a2 = bed.attach(0, &c2, "c2", &[]).unwrap();
-    let host = bed.hosts[0].ns.clone();
-    let table = filter_table(&bed, 0);
-    let mut results: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..6 {
-        let filtered = round % 2 == 0;
-        if filtered {
-            let mut nft = Command::new("ip")
-                .args(["netns", "exec", &host, "nft", "-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            use std::io::Write as _;
-            nft.stdin
-                .take()
-                .unwrap()
-                .write_all(table.as_bytes())
-                .unwrap();
-            assert!(nft.wait().unwrap().success());
-        } else {
-            run(&host, &["nft", "delete", "table", "bridge", "meshnet"]);
-        }
-        let mut server = Command::new("ip")
-            .args(["netns", "exec", &c2, "iperf3", "-s", "-1"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("iperf3 (apt-get install iperf3)");
-        std::thread::sleep(Duration::from_millis(300));
-        let out = exec_in(&c1, &["iperf3", "-J", "-t", "3", "-c", &a2.to_string()]).unwrap();
-        let _ = server.wait();
-        let r =
-            meshnet_testbed::measure::parse_iperf3(&String::from_utf8_lossy(&out.stdout)).unwrap();
-        results[usize::from(!filtered)].push(r.bits_per_second / 1e9);
-    }
-    for (label, r) in ["with filter", "without filter"].iter().zip(&results) {
-        let median = meshnet_testbed::measure::median(r).unwrap();
-        println!("same-host TCP {label}: {r:.2?} Gbit/s, median {median:.2}");
-    }
 }

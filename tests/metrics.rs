@@ -14,9 +14,7 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use meshnet::config::Mode;
-use meshnet_testbed::{
-    Binaries, METRICS_LISTEN, MeshOptions, Testbed, exec_in, in_netns, promtool_check,
-};
+use meshnet_testbed::{Binaries, METRICS_LISTEN, MeshOptions, Testbed, in_netns, promtool_check};
 
 const METRICS: &str = METRICS_LISTEN;
 
@@ -170,21 +168,7 @@ fn tap_mode_counts_arp_replies_and_attached_containers() {
     let a2 = bed.attach(1, &c2, "two", &[]).unwrap();
     let before = scrape(&bed);
     // c1 asks who has c2's address: the agent answers for the remote host.
-    let ping = exec_in(
-        &c1,
-        &[
-            "ping",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-q",
-            &a2.to_string(),
-        ],
-    )
-    .unwrap();
+    let ping = meshnet_testbed::ping_in(&c1, a2, 2).unwrap();
     assert!(ping.status.success(), "{ping:?}");
     let after = scrape(&bed);
     assert_eq!(value(&after, "meshnet_containers"), 1.0);

@@ -268,22 +268,7 @@ fn a_sender_without_egress_policy_is_stopped_at_the_receiver() {
     }));
     let before = bed.dropped(1, "policy_ingress").unwrap();
     const SENT: u32 = 7;
-    let to = db.address.to_string();
-    let out = exec_in(
-        &web.ns,
-        &[
-            "ping",
-            "-c",
-            &SENT.to_string(),
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-q",
-            &to,
-        ],
-    )
-    .unwrap();
+    let out = meshnet_testbed::ping_in(&web.ns, db.address, SENT).unwrap();
     assert!(!out.status.success(), "forbidden pings were answered");
     assert!(wait_until(Duration::from_secs(5), || {
         bed.dropped(1, "policy_ingress").unwrap() - before == u64::from(SENT)

@@ -205,7 +205,7 @@ impl DeviceWriter {
         if !self.offload {
             let mut failed = 0;
             for packet in packets {
-                if let Err(e) = self.write(packet) {
+                if let Err(e) = write_to(&self.device, packet) {
                     tracing::debug!(error = %e, "device write failed");
                     failed += 1;
                 }
@@ -296,12 +296,10 @@ impl DeviceWriter {
         }
         n
     }
-
-    fn write(&self, bytes: &[u8]) -> io::Result<()> {
-        write_to(&self.device, bytes)
-    }
 }
 
+/// One write, as a plain system call: tun-rs's async one would wait on
+/// the agent thread's runtime, and a TUN/TAP write never waits anyway.
 fn write_to(device: &tun_rs::DeviceImpl, bytes: &[u8]) -> io::Result<()> {
     rustix::io::write(device, bytes)?;
     Ok(())

@@ -133,10 +133,9 @@ impl SendStage {
     pub async fn submit(&mut self, out: &mut Outbox) -> u64 {
         let mut failed = self.collect();
         let small = out.network().len() + out.device().len() <= INLINE_MAX;
-        let jobs = match &self.jobs {
-            Some(jobs) if !(small && self.in_hand == 0) => jobs.clone(),
-            _ => return failed + self.write_here(out).await,
-        };
+        if self.jobs.is_none() || (small && self.in_hand == 0) {
+            return failed + self.write_here(out).await;
+        }
         let empty = match self.spare.pop() {
             Some(empty) => empty,
             None => {
@@ -145,7 +144,11 @@ impl SendStage {
             }
         };
         let full = std::mem::replace(out, empty);
-        match jobs.send(full) {
+        let sent = match &self.jobs {
+            Some(jobs) => jobs.send(full),
+            None => Err(std_mpsc::SendError(full)),
+        };
+        match sent {
             Ok(()) => self.in_hand += 1,
             Err(std_mpsc::SendError(mut full)) => {
                 tracing::warn!("the send thread is gone; writing on the agent's");

@@ -444,13 +444,7 @@ impl Testbed {
 
     /// Sends `count` pings from host `i`; true when all were answered.
     pub fn ping(&self, i: usize, to: Ipv4Addr, count: u32) -> Result<bool> {
-        let count = count.to_string();
-        let to = to.to_string();
-        let out = self.exec(
-            i,
-            &["ping", "-c", &count, "-i", "0.2", "-W", "1", "-q", &to],
-        )?;
-        Ok(out.status.success())
+        Ok(ping_in(&self.hosts[i].ns, to, count)?.status.success())
     }
 
     /// Runs `meshctl` against host `i`'s agent.
@@ -951,6 +945,16 @@ pub fn spawn_in_netns<T: Send + 'static>(
     }))
 }
 
+/// `count` quiet pings from namespace `ns` to `to`, 0.2 s apart, each
+/// waited for at most a second.
+pub fn ping_in(ns: &str, to: Ipv4Addr, count: u32) -> Result<Output> {
+    let (count, to) = (count.to_string(), to.to_string());
+    exec_in(
+        ns,
+        &["ping", "-c", &count, "-i", "0.2", "-W", "1", "-q", &to],
+    )
+}
+
 pub fn exec_in(ns: &str, args: &[&str]) -> Result<Output> {
     Command::new("ip")
         .args(["netns", "exec", ns])
@@ -997,6 +1001,13 @@ fn sweep_dead_testbeds() {
                 continue;
             };
             if dead(name) {
+                // Agents and tools a killed test left running would
+                // outlive the namespace's name (and keep it alive).
+                if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+                    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-KILL", pid]).status();
+                    }
+                }
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
         }
