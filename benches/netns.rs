@@ -8,16 +8,18 @@
 //! scripts/bench.sh does). For each: iperf3 TCP with 1 and 4 streams, UDP
 //! at full blast (received rate and loss), ping RTT p50/p99 idle and under
 //! TCP load, CPU seconds per GB of the tunnel processes (both ends), and
-//! their peak RSS. The same run measures the cryptographic floor: ring's
-//! ChaCha20-Poly1305 sealing and opening 1420-byte packets on one core,
-//! in seconds per GB, which the CPU figures are compared against. Every tunnel run is checked against the implementation's
-//! own transfer counters, so traffic that bypassed the tunnel is an error,
-//! not a fast result. Prints a table with ratios, writes
-//! target/netns-bench.json and target/netns-bench.svg.
+//! their peak RSS. The same run measures two floors the figures are read
+//! against: the cryptographic one (ring's ChaCha20-Poly1305 sealing and
+//! opening 1420-byte packets on one core, in seconds per GB) and the
+//! round-trip one (ping through a plain TUN-UDP relay without crypto, the
+//! least any user-space tunnel does per packet). Every tunnel run is
+//! checked against the implementation's own transfer counters, so traffic
+//! that bypassed the tunnel is an error, not a fast result. Prints a table
+//! with ratios, writes target/netns-bench.json and target/netns-bench.svg.
 //!
 //! Environment: MESHNET_BENCH_ROUNDS (default 2), MESHNET_BENCH_SECONDS
 //! (default 4). Under `cargo test` (no `--bench`), a short self-check of
-//! meshd alone runs instead and writes nothing.
+//! the floors and of meshd alone runs instead and writes nothing.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -107,6 +109,9 @@ struct Setup {
 }
 
 fn main() -> Result<()> {
+    if let Ok(spec) = std::env::var(RELAY_ENV) {
+        return plain_relay(&spec);
+    }
     let bench = std::env::args().any(|a| a == "--bench");
     let bins = Binaries {
         meshd: env!("CARGO_BIN_EXE_meshd").into(),
@@ -146,9 +151,9 @@ fn main() -> Result<()> {
     let ticks = measure::clock_ticks_per_second()?;
     let floor = crypto_floor_seconds_per_gb();
     eprintln!("seal+open floor: {floor:.2} s/GB (ring ChaCha20-Poly1305, 1420 B, one core)");
-    if bench {
-        wake_up_floor(&bins)?;
-    }
+    // Under `cargo test`, a few round trips: a check that the floors
+    // still measure, not a figure.
+    let floors = round_trip_floors(&bins, if bench { 200 } else { 20 })?;
     let mut runs = Vec::new();
     for round in 1..=rounds {
         for &tunnel in &tunnels {
@@ -175,7 +180,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|&t| (t, median_sample(&runs, t)))
         .collect();
-    print_table(&medians, rounds, seconds, floor);
+    print_table(&medians, rounds, seconds, floor, &floors);
     if bench {
         let target = target_dir();
         write_json(
@@ -184,6 +189,7 @@ fn main() -> Result<()> {
             &medians,
             seconds,
             floor,
+            &floors,
         )?;
         draw_chart(&target.join("netns-bench.svg"), &medians)?;
         eprintln!(
@@ -448,7 +454,13 @@ fn median_sample(runs: &[Run], tunnel: Tunnel) -> Sample {
     }
 }
 
-fn print_table(medians: &[(Tunnel, Sample)], rounds: usize, seconds: u64, floor: f64) {
+fn print_table(
+    medians: &[(Tunnel, Sample)],
+    rounds: usize,
+    seconds: u64,
+    floor: f64,
+    floors: &RoundTripFloors,
+) {
     println!(
         "\nMedians of {rounds} round(s), {seconds} s per iperf3 run, 2 namespaces over veth:\n"
     );
@@ -488,6 +500,20 @@ fn print_table(medians: &[(Tunnel, Sample)], rounds: usize, seconds: u64, floor:
             println!("{:<13} cpu / floor {:.2}x", t.label(), cpu / floor);
         }
     }
+    println!(
+        "idle rtt floor: a plain TUN-UDP relay without crypto adds {:.3} ms to the kernel's ping",
+        floors.relay_added_ms()
+    );
+    if let Some((_, veth)) = medians.iter().find(|(t, _)| *t == Tunnel::Veth) {
+        for (t, s) in medians.iter().filter(|(t, _)| *t != Tunnel::Veth) {
+            println!(
+                "{:<13} idle rtt added over veth {:.3} ms ({:+.3} ms over the relay floor)",
+                t.label(),
+                s.rtt_idle_p50_ms - veth.rtt_idle_p50_ms,
+                s.rtt_idle_p50_ms - veth.rtt_idle_p50_ms - floors.relay_added_ms()
+            );
+        }
+    }
     let Some((_, meshd)) = medians.iter().find(|(t, _)| *t == Tunnel::Meshd) else {
         return;
     };
@@ -521,6 +547,7 @@ fn write_json(
     medians: &[(Tunnel, Sample)],
     seconds: u64,
     floor: f64,
+    floors: &RoundTripFloors,
 ) -> Result<()> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism()
@@ -534,6 +561,7 @@ fn write_json(
         "machine": { "cpus": cpus, "kernel": kernel.trim() },
         "seconds_per_run": seconds,
         "seal_open_floor_seconds_per_gb": floor,
+        "round_trip_floors_ms": floors,
         "runs": runs,
         "medians": medians,
     });
@@ -652,27 +680,84 @@ fn cargo_binary(name: &str) -> Option<PathBuf> {
     Some(home.join("bin").join(name)).filter(|p| p.is_file())
 }
 
-/// Seconds of one core to seal and open a GB of 1420-byte packets with
-/// What one user-space hop costs in round-trip time here: a UDP echo
-/// between the two namespaces (one process woken on each side per round
-/// trip, like a ping to the kernel plus one user-space wake-up) against a
-/// kernel ping over the same veth. A tunnel agent is woken three times per
-/// ping (the request from the device, the request from the network, the
-/// reply from the network) and ping once; README, Performance, compares.
-fn wake_up_floor(bins: &Binaries) -> Result<()> {
-    const ROUND_TRIPS: usize = 200;
+/// What the machine itself charges a round trip, measured in this run so
+/// the tunnels' idle RTT can be read against it (README, Performance).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct RoundTripFloors {
+    /// Kernel ping over the underlay veth, p50 ms.
+    kernel_ping_ms: f64,
+    /// A user-space UDP echo between the two namespaces: one thread woken
+    /// on each side per round trip (threads of this process), p50 ms.
+    udp_echo_ms: f64,
+    /// Ping through the plain relay (`plain_relay`), p50 ms.
+    plain_relay_ms: f64,
+}
+
+impl RoundTripFloors {
+    /// What the least user-space tunnel adds to the kernel's round trip.
+    fn relay_added_ms(&self) -> f64 {
+        self.plain_relay_ms - self.kernel_ping_ms
+    }
+}
+
+/// Measures `RoundTripFloors` on a fresh pair of namespaces.
+fn round_trip_floors(bins: &Binaries, round_trips: usize) -> Result<RoundTripFloors> {
     let options = MeshOptions {
         hosts: 2,
         keepalive: None,
         mode: Mode::Tun,
     };
-    let bed = Testbed::new("wake", &options, bins.clone())?;
+    let bed = Testbed::new("floor", &options, bins.clone())?;
+    let udp_echo_ms = udp_echo_p50(&bed, round_trips)?;
+    let s = Setup {
+        target: bed.hosts[1].underlay,
+        bed,
+        wgs: Vec::new(),
+        pids: Vec::new(),
+    };
+    let kernel = ping(&s, round_trips as u32)?;
+    let plain_relay_ms = {
+        let _relays = PlainRelays::start(&s.bed)?;
+        let through = Setup {
+            target: RELAY_ADDRESSES[1],
+            ..s
+        };
+        let rtts = ping(&through, round_trips as u32)?;
+        ensure!(
+            rtts.len() == round_trips,
+            "the plain relay answered {} of {round_trips} pings",
+            rtts.len()
+        );
+        p50(&rtts)
+    };
+    let floors = RoundTripFloors {
+        kernel_ping_ms: p50(&kernel),
+        udp_echo_ms,
+        plain_relay_ms,
+    };
+    eprintln!(
+        "round-trip floors (p50): kernel ping {:.3} ms, user-space UDP echo {:.3} ms, \
+         plain TUN-UDP relay without crypto {:.3} ms ({:.3} ms over the kernel's)",
+        floors.kernel_ping_ms,
+        floors.udp_echo_ms,
+        floors.plain_relay_ms,
+        floors.relay_added_ms()
+    );
+    Ok(floors)
+}
+
+fn p50(v: &[f64]) -> f64 {
+    measure::percentile(v, 50.0).unwrap_or(f64::NAN)
+}
+
+/// A UDP echo between the two namespaces, from threads of this process.
+fn udp_echo_p50(bed: &Testbed, round_trips: usize) -> Result<f64> {
     let (client, server) = (bed.hosts[0].underlay, bed.hosts[1].underlay);
     let echo = meshnet_testbed::spawn_in_netns(&bed.hosts[1].ns, move || {
         let socket = std::net::UdpSocket::bind((server, 5400))?;
         socket.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut buf = [0u8; 64];
-        for _ in 0..ROUND_TRIPS {
+        for _ in 0..round_trips {
             let (n, from) = socket.recv_from(&mut buf)?;
             socket.send_to(&buf[..n], from)?;
         }
@@ -683,9 +768,9 @@ fn wake_up_floor(bins: &Binaries) -> Result<()> {
         let socket = std::net::UdpSocket::bind((client, 0))?;
         socket.set_read_timeout(Some(Duration::from_secs(5)))?;
         socket.connect((server, 5400))?;
-        let mut rtts = Vec::with_capacity(ROUND_TRIPS);
+        let mut rtts = Vec::with_capacity(round_trips);
         let mut buf = [0u8; 64];
-        for _ in 0..ROUND_TRIPS {
+        for _ in 0..round_trips {
             let sent = Instant::now();
             socket.send(&[0u8; 56])?;
             socket.recv(&mut buf)?;
@@ -696,20 +781,109 @@ fn wake_up_floor(bins: &Binaries) -> Result<()> {
     })?;
     echo.join()
         .map_err(|_| anyhow::anyhow!("the echo thread panicked"))??;
-    let s = Setup {
-        target: server,
-        bed,
-        wgs: Vec::new(),
-        pids: Vec::new(),
+    Ok(p50(&rtts))
+}
+
+/// Turns this binary into one end of the plain relay: "TUN-ADDRESS
+/// LOCAL-UNDERLAY PEER-UNDERLAY".
+const RELAY_ENV: &str = "MESHNET_BENCH_RELAY";
+/// The relay's TUN addresses, one per host (RFC 2544's benchmarking
+/// range, inside the test namespaces only).
+const RELAY_ADDRESSES: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2)];
+const RELAY_DEVICE: &str = "relay0";
+const RELAY_PORT: u16 = 5401;
+/// A relay left behind by a killed bench exits by itself after this.
+const RELAY_LIFETIME: Duration = Duration::from_secs(120);
+
+/// The two ends of the plain relay, as processes of their own (like two
+/// tunnel agents); killed on drop.
+struct PlainRelays(Vec<Child>);
+
+impl PlainRelays {
+    fn start(bed: &Testbed) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut relays = Self(Vec::new());
+        for (i, host) in bed.hosts.iter().enumerate().take(2) {
+            let peer = bed.hosts[1 - i].underlay;
+            let spec = format!("{} {} {peer}", RELAY_ADDRESSES[i], host.underlay);
+            let child = Command::new("ip")
+                .args(["netns", "exec", &host.ns])
+                .arg(&exe)
+                .env(RELAY_ENV, spec)
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting the plain relay")?;
+            relays.0.push(child);
+        }
+        for (i, host) in bed.hosts.iter().enumerate().take(2) {
+            let up = wait_until(Duration::from_secs(5), || {
+                exec_in(&host.ns, &["ip", "-4", "addr", "show", "dev", RELAY_DEVICE]).is_ok_and(
+                    |o| {
+                        String::from_utf8_lossy(&o.stdout).contains(&RELAY_ADDRESSES[i].to_string())
+                    },
+                )
+            });
+            ensure!(
+                up,
+                "the plain relay's device did not come up in {}",
+                host.ns
+            );
+        }
+        Ok(relays)
+    }
+}
+
+impl Drop for PlainRelays {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The least work a user-space tunnel end can do per packet: wait in
+/// poll(2) on a TUN device and a UDP socket, move one packet, wait again.
+/// No crypto, no batching, no runtime: what is left of a tunnel's round
+/// trip is the machine's wake-ups, system calls and copies.
+fn plain_relay(spec: &str) -> Result<()> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let parts: Vec<Ipv4Addr> = spec
+        .split(' ')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{RELAY_ENV}={spec:?}"))?;
+    let [address, local, peer] = parts[..] else {
+        anyhow::bail!("{RELAY_ENV} wants three addresses, got {spec:?}");
     };
-    let pings = ping(&s, ROUND_TRIPS as u32)?;
-    let p50 = |v: &[f64]| measure::percentile(v, 50.0).unwrap_or(f64::NAN);
-    let (echo, kernel) = (p50(&rtts), p50(&pings));
-    eprintln!(
-        "user-space UDP echo over veth p50 {echo:.3} ms against kernel ping {kernel:.3} ms: \
-         {:.3} ms for the echo's wake-up",
-        echo - kernel
-    );
+    let device = tun_rs::DeviceBuilder::new()
+        .name(RELAY_DEVICE)
+        .ipv4(address, 24, None)
+        .build_sync()?;
+    let socket = std::net::UdpSocket::bind((local, RELAY_PORT))?;
+    let peer = std::net::SocketAddr::from((peer, RELAY_PORT));
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + RELAY_LIFETIME;
+    let second = Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    while Instant::now() < deadline {
+        let mut fds = [
+            PollFd::new(&*device, PollFlags::IN),
+            PollFd::new(&socket, PollFlags::IN),
+        ];
+        poll(&mut fds, Some(&second))?;
+        let (from_device, from_peer) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if from_device {
+            let n = device.recv(&mut buf)?;
+            socket.send_to(&buf[..n], peer)?;
+        }
+        if from_peer {
+            let n = socket.recv(&mut buf)?;
+            device.send(&buf[..n])?;
+        }
+    }
     Ok(())
 }
 
