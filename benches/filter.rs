@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use meshnet::config::Mode;
-use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, measure, require_tools};
+use meshnet_testbed::{MeshOptions, Testbed, exec_in, measure, require_tools};
 
 fn main() -> Result<()> {
     let bench = std::env::args().any(|a| a == "--bench");
@@ -27,10 +27,7 @@ fn main() -> Result<()> {
         &["nft", "iperf3"],
         "run scripts/test.sh (installs nftables and iperf3)",
     );
-    let bins = Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    };
+    let bins = meshnet_testbed::this_build!();
     let options = MeshOptions {
         hosts: 2,
         keepalive: Some(1),

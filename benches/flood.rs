@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use meshnet_testbed::flood::{FloodReport, plan};
-use meshnet_testbed::{Binaries, MeshOptions, Testbed, measure, wait_until};
+use meshnet_testbed::{MeshOptions, Testbed, measure, wait_until};
 
 fn main() -> Result<()> {
     let bench = std::env::args().any(|a| a == "--bench");
@@ -26,10 +26,7 @@ fn main() -> Result<()> {
         eprintln!("flood bench self-check (run `cargo bench --bench flood` for the figures)");
         1
     };
-    let bins = Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    };
+    let bins = meshnet_testbed::this_build!();
     let options = MeshOptions {
         hosts: 3,
         keepalive: Some(1),

@@ -113,10 +113,7 @@ fn main() -> Result<()> {
         return plain_relay(&spec);
     }
     let bench = std::env::args().any(|a| a == "--bench");
-    let bins = Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    };
+    let bins = meshnet_testbed::this_build!();
     let (rounds, seconds, tunnels) = if bench {
         let mut tunnels = vec![
             Tunnel::Veth,

@@ -18,7 +18,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use meshnet::config::Mode;
-use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, require_tools};
+use meshnet_testbed::{MeshOptions, Testbed, exec_in, require_tools};
 use serde_json::Value;
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_meshnet-cni");
@@ -33,10 +33,7 @@ fn tap_mesh(tag: &str) -> Testbed {
         keepalive: Some(1),
         mode: Mode::Tap,
     };
-    let bins = Binaries {
-        meshd: env!("CARGO_BIN_EXE_meshd").into(),
-        meshctl: env!("CARGO_BIN_EXE_meshctl").into(),
-    };
+    let bins = meshnet_testbed::this_build!();
     let mut bed = Testbed::new(tag, &options, bins).expect("building the testbed");
     bed.start_all().expect("starting agents");
     bed.wait_all_up(Duration::from_secs(15)).unwrap();

@@ -175,9 +175,7 @@ impl SendStage {
     fn collect(&mut self) -> u64 {
         let mut failed = 0;
         while let Ok((out, f)) = self.done.try_recv() {
-            self.spare.push(out);
-            self.in_hand -= 1;
-            failed += f;
+            failed += self.take_back(out, f);
         }
         failed
     }
@@ -185,11 +183,7 @@ impl SendStage {
     /// Waits for the thread to finish one batch.
     async fn wait_one(&mut self) -> u64 {
         match self.done.recv().await {
-            Some((out, failed)) => {
-                self.spare.push(out);
-                self.in_hand -= 1;
-                failed
-            }
+            Some((out, failed)) => self.take_back(out, failed),
             // The thread ended with batches in hand: they are lost.
             None => {
                 let lost = std::mem::take(&mut self.in_hand);
@@ -199,6 +193,13 @@ impl SendStage {
                 0
             }
         }
+    }
+
+    /// A written batch back from the thread; returns its failed writes.
+    fn take_back(&mut self, out: Outbox, failed: u64) -> u64 {
+        self.spare.push(out);
+        self.in_hand -= 1;
+        failed
     }
 }
 

@@ -1120,7 +1120,8 @@ pub fn require_tools(tools: &[&str], hint: &str) {
 }
 
 /// The meshd and meshctl of the build running the calling test: cargo
-/// names them to integration tests only, so this expands in the caller.
+/// names them to integration tests and benches only, so this expands in the
+/// caller.
 #[macro_export]
 macro_rules! this_build {
     () => {
