@@ -383,7 +383,11 @@ fn a_deleted_device_stops_the_agent_with_a_clear_error() {
     let out = bed.exec(0, &["ip", "link", "del", "mesh0"]).unwrap();
     assert!(out.status.success(), "{out:?}");
     let exited = wait_until(Duration::from_secs(5), || bed.agent_exited(0));
-    assert!(exited, "meshd kept running without its device");
+    assert!(
+        exited,
+        "meshd kept running without its device:\n{}",
+        bed.log(0)
+    );
     assert!(
         bed.log(0).contains("the overlay device mesh0 failed"),
         "{}",
