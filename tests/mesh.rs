@@ -385,7 +385,8 @@ fn a_deleted_device_stops_the_agent_with_a_clear_error() {
     let exited = wait_until(Duration::from_secs(5), || bed.agent_exited(0));
     assert!(
         exited,
-        "meshd kept running without its device:\n{}",
+        "meshd kept running without its device; its threads:\n{}\nits log:\n{}",
+        bed.agent_pid(0).map(thread_states).unwrap_or_default(),
         bed.log(0)
     );
     assert!(
@@ -394,6 +395,29 @@ fn a_deleted_device_stops_the_agent_with_a_clear_error() {
         bed.log(0)
     );
     assert!(!bed.hosts[0].socket.exists(), "control socket left behind");
+}
+
+/// Each thread of process `pid`: its name, state and the kernel function
+/// it waits in, for a report on an agent that hangs.
+fn thread_states(pid: u32) -> String {
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    tasks
+        .flatten()
+        .map(|task| {
+            let stat = read(task.path().join("stat"));
+            let state = stat.rsplit(") ").next().unwrap_or("").split(' ').next();
+            format!(
+                "{} {} {} {}\n",
+                task.file_name().to_string_lossy(),
+                read(task.path().join("comm")).trim(),
+                state.unwrap_or("?"),
+                read(task.path().join("wchan")),
+            )
+        })
+        .collect()
 }
 
 /// Bulk TCP over the tunnel with segmentation offload on (the default)
