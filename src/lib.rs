@@ -16,5 +16,6 @@ pub mod keys;
 pub mod membership;
 pub mod policy;
 pub mod report;
+pub mod sockstat;
 pub mod store;
 pub mod uapi;

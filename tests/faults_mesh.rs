@@ -1,6 +1,6 @@
 //! Faults a mesh must survive, with the real meshd in network namespaces:
 //! fifty agents started at the same moment, a host cut off for minutes, a
-//! host whose wall clock is set back.
+//! host whose wall clock is set back, an agent too slow for what arrives.
 //!
 //! Timings are printed (run with `--nocapture`), never asserted beyond
 //! generous bounds that only a wedge would exceed. Needs root, iproute2,
@@ -355,4 +355,68 @@ fn assert_clock_offset(bed: &Testbed, i: usize, expected: i64) {
         "{}'s log is stamped {offset} s from now, not about {expected} s: is libfaketime working?",
         bed.hosts[i].name
     );
+}
+
+// ---------------------------------------------------------------------
+// An agent that cannot keep up
+
+/// Sends SIGCONT to the stopped process when dropped, also on failure.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        signal(pid, "STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Datagrams the kernel throws away because the agent did not read them in
+/// time are invisible to the agent's own counters; it reports the
+/// socket's kernel count as the `underlay_overflow` drop reason.
+#[test]
+fn datagrams_the_kernel_drops_for_a_stalled_agent_are_counted() {
+    const SENT: u64 = 20_000;
+    let options = MeshOptions {
+        hosts: 2,
+        keepalive: None,
+        ..MeshOptions::default()
+    };
+    let mut bed = Testbed::new("ovfl", &options, bins()).expect("building the testbed");
+    bed.start_all().expect("starting agents");
+    // Handshakes done, and no keepalives: only the flood will arrive.
+    bed.wait_all_up(Duration::from_secs(15)).unwrap();
+    assert_eq!(bed.dropped(0, "underlay_overflow").unwrap(), 0);
+    let target = format!("/dev/udp/{}/51820", bed.hosts[0].underlay);
+    {
+        let _stopped = Stopped::new(bed.agent_pid(0).unwrap());
+        // One byte each: far more datagrams than a 1 MiB buffer queues.
+        let flood = format!("for i in $(seq {SENT}); do printf x >{target}; done");
+        let out = bed.exec(1, &["bash", "-c", &flood]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let overflow = bed.dropped(0, "underlay_overflow").unwrap();
+    println!("{overflow} of {SENT} datagrams dropped by the kernel");
+    assert!((1..SENT).contains(&overflow), "{overflow} of {SENT}");
+    // Every datagram is accounted for: the ones the kernel queued reached
+    // the agent and were refused there as not WireGuard.
+    let queued = SENT - overflow;
+    let invalid = wait_until(Duration::from_secs(5), || {
+        bed.dropped(0, "invalid_datagram").unwrap() == queued
+    });
+    assert!(invalid, "{:?}", bed.status(0).unwrap().dropped);
 }

@@ -117,6 +117,9 @@ fn a_live_scrape_passes_promtool_and_counts_what_was_sent() {
         GARBAGE as f64
     );
     assert_eq!(rose("meshnet_peer_handshakes_total{peer=\"h2\"}"), 0.0);
+    // The kernel's count for the underlay socket is there from the start.
+    let overflow = "meshnet_dropped_packets_total{reason=\"underlay_overflow\"}";
+    assert_eq!(value(&then, overflow), 0.0);
     // The DNS service answers a cluster name from its zone: a local result.
     let dig = bed
         .exec(

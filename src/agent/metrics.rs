@@ -3,7 +3,8 @@
 //!
 //! A scrape asks the packet task for a `MetricsSnapshot` over the control
 //! channel, the same way `meshctl status` asks: the packet task copies its
-//! counters between two wake-ups and goes on; the encoding happens here.
+//! counters between two wake-ups (and reads the kernel's drop count for its
+//! socket) and goes on; the encoding happens here.
 //! The exposition is built with `prometheus-client` and served in the
 //! classic text format (version 0.0.4) with each counter's HELP and TYPE
 //! under its full `_total` name: Prometheus 2.x's `promtool check metrics`

@@ -47,6 +47,10 @@ use send_stage::SendStage;
 use state::StateError;
 use underlay::{Underlay, UnderlayError};
 
+/// The drop reason for datagrams the kernel dropped at the underlay
+/// socket, nearly always because its receive buffer was full (the count
+/// SO_RXQ_OVFL reports).
+const UNDERLAY_OVERFLOW: &str = "underlay_overflow";
 /// boringtun wants its timers driven every 100-250 ms.
 const TICK: Duration = Duration::from_millis(100);
 /// Reads per wake-up before the loop looks at other sources again: enough
@@ -617,6 +621,7 @@ impl Shell {
             "sync_refused".into(),
             self.sync_refused.load(Ordering::Relaxed),
         );
+        drops.insert(UNDERLAY_OVERFLOW.into(), self.udp.kernel_drops());
         let tap = self.config.mode == Mode::Tap;
         crate::control::MetricsSnapshot {
             peers: self.node.peer_statuses(now),
@@ -678,6 +683,11 @@ impl Shell {
                         .map(|n| ("sync_refused".to_owned(), n)),
                 )
                 .chain(self.dns_counters.nonzero().map(|(r, n)| (r.to_owned(), n)))
+                .chain(
+                    Some(self.udp.kernel_drops())
+                        .filter(|n| *n > 0)
+                        .map(|n| (UNDERLAY_OVERFLOW.to_owned(), n)),
+                )
                 .collect(),
         }
     }

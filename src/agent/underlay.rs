@@ -110,6 +110,26 @@ impl Underlay {
         }
     }
 
+    /// Datagrams the kernel dropped at this socket, nearly always because
+    /// its receive buffer was full: they reached the host but never the
+    /// agent. Reads
+    /// the namespace's socket tables (a status request or a scrape, not per
+    /// packet); 0 when they cannot be read.
+    pub fn kernel_drops(&self) -> u64 {
+        let Ok(stat) = rustix::fs::fstat(&*self.socket) else {
+            return 0;
+        };
+        // An IPv6 socket, dual-stack too, is listed in udp6 only.
+        let table = match self.socket.local_addr() {
+            Ok(SocketAddr::V6(_)) => "/proc/self/net/udp6",
+            _ => "/proc/self/net/udp",
+        };
+        std::fs::read_to_string(table)
+            .ok()
+            .and_then(|table| crate::sockstat::udp_socket_drops(&table, stat.st_ino))
+            .unwrap_or(0)
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
     }
