@@ -10,10 +10,11 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use meshnet::core::{PeerState, PeerStatus};
-use meshnet_testbed::{Binaries, MeshOptions, Testbed, wait_until};
+use meshnet_testbed::{Binaries, MeshOptions, Testbed, in_netns, signal, wait_until};
 
 fn bins() -> Binaries {
     meshnet_testbed::this_build!()
@@ -365,24 +366,15 @@ struct Stopped(u32);
 
 impl Stopped {
     fn new(pid: u32) -> Self {
-        signal(pid, "STOP");
+        signal(pid, "STOP").unwrap();
         Stopped(pid)
     }
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        signal(self.0, "CONT");
+        let _ = signal(self.0, "CONT");
     }
-}
-
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// Datagrams the kernel throws away because the agent did not read them in
@@ -401,13 +393,18 @@ fn datagrams_the_kernel_drops_for_a_stalled_agent_are_counted() {
     // Handshakes done, and no keepalives: only the flood will arrive.
     bed.wait_all_up(Duration::from_secs(15)).unwrap();
     assert_eq!(bed.dropped(0, "underlay_overflow").unwrap(), 0);
-    let target = format!("/dev/udp/{}/51820", bed.hosts[0].underlay);
+    let to: SocketAddr = (bed.hosts[0].underlay, 51820).into();
     {
         let _stopped = Stopped::new(bed.agent_pid(0).unwrap());
         // One byte each: far more datagrams than a 1 MiB buffer queues.
-        let flood = format!("for i in $(seq {SENT}); do printf x >{target}; done");
-        let out = bed.exec(1, &["bash", "-c", &flood]).unwrap();
-        assert!(out.status.success(), "{out:?}");
+        in_netns(&bed.hosts[1].ns, move || {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            for _ in 0..SENT {
+                socket.send_to(b"x", to)?;
+            }
+            Ok(())
+        })
+        .unwrap();
     }
     let overflow = bed.dropped(0, "underlay_overflow").unwrap();
     println!("{overflow} of {SENT} datagrams dropped by the kernel");

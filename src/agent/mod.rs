@@ -47,10 +47,6 @@ use send_stage::SendStage;
 use state::StateError;
 use underlay::{Underlay, UnderlayError};
 
-/// The drop reason for datagrams the kernel dropped at the underlay
-/// socket, nearly always because its receive buffer was full (the count
-/// SO_RXQ_OVFL reports).
-const UNDERLAY_OVERFLOW: &str = "underlay_overflow";
 /// boringtun wants its timers driven every 100-250 ms.
 const TICK: Duration = Duration::from_millis(100);
 /// Reads per wake-up before the loop looks at other sources again: enough
@@ -617,11 +613,7 @@ impl Shell {
             .iter()
             .map(|r| (r.as_str().to_owned(), self.node.drops().get(*r)))
             .collect();
-        drops.insert(
-            "sync_refused".into(),
-            self.sync_refused.load(Ordering::Relaxed),
-        );
-        drops.insert(UNDERLAY_OVERFLOW.into(), self.udp.kernel_drops());
+        drops.extend(self.shell_drops().map(|(r, n)| (r.to_owned(), n)));
         let tap = self.config.mode == Mode::Tap;
         crate::control::MetricsSnapshot {
             peers: self.node.peer_statuses(now),
@@ -651,6 +643,17 @@ impl Shell {
         }
     }
 
+    /// The drops counted outside the core, by reason: records refused by
+    /// the sync, and datagrams the kernel dropped at the underlay socket
+    /// (nearly always a full receive buffer; what SO_RXQ_OVFL reports).
+    fn shell_drops(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        [
+            ("sync_refused", self.sync_refused.load(Ordering::Relaxed)),
+            ("underlay_overflow", self.udp.kernel_drops()),
+        ]
+        .into_iter()
+    }
+
     fn status(&self, now: Instant) -> HostStatus {
         let summary = self.node.summary(now);
         let tap = self.config.mode == Mode::Tap;
@@ -676,18 +679,10 @@ impl Shell {
                 .node
                 .drops()
                 .nonzero()
-                .map(|(r, n)| (r.as_str().to_owned(), n))
-                .chain(
-                    Some(self.sync_refused.load(Ordering::Relaxed))
-                        .filter(|n| *n > 0)
-                        .map(|n| ("sync_refused".to_owned(), n)),
-                )
-                .chain(self.dns_counters.nonzero().map(|(r, n)| (r.to_owned(), n)))
-                .chain(
-                    Some(self.udp.kernel_drops())
-                        .filter(|n| *n > 0)
-                        .map(|n| (UNDERLAY_OVERFLOW.to_owned(), n)),
-                )
+                .map(|(r, n)| (r.as_str(), n))
+                .chain(self.shell_drops().filter(|(_, n)| *n > 0))
+                .chain(self.dns_counters.nonzero())
+                .map(|(r, n)| (r.to_owned(), n))
                 .collect(),
         }
     }

@@ -112,9 +112,8 @@ impl Underlay {
 
     /// Datagrams the kernel dropped at this socket, nearly always because
     /// its receive buffer was full: they reached the host but never the
-    /// agent. Reads
-    /// the namespace's socket tables (a status request or a scrape, not per
-    /// packet); 0 when they cannot be read.
+    /// agent. Reads the namespace's socket table (for a status request or a
+    /// scrape, never per packet); 0 when it cannot be read.
     pub fn kernel_drops(&self) -> u64 {
         let Ok(stat) = rustix::fs::fstat(&*self.socket) else {
             return 0;

@@ -1037,7 +1037,8 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn signal(pid: u32, name: &str) -> Result<()> {
+/// Sends signal `name` ("TERM", "STOP", ...) to process `pid` with kill(1).
+pub fn signal(pid: u32, name: &str) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{name}"))
         .arg(pid.to_string())
