@@ -448,8 +448,27 @@ fn bulk_tcp_arrives_intact_with_offload_on_and_off() {
         wait_all_up(&bed);
         let tx_before = peer(&bed.peers(0).unwrap(), "h2").tx_bytes;
         let rx_before = peer(&bed.peers(1).unwrap(), "h1").rx_bytes;
+        // What the receiving agent wrote to its device: bytes and writes
+        // (the kernel counts a write as one received packet).
+        let written_before = device_counters(&bed.hosts[1].ns, "mesh0");
         bed.transfer(0, 1, bed.hosts[1].overlay, LEN)
             .unwrap_or_else(|e| panic!("offload {offload}: {e:#}\n{}", bed.log(0)));
+        let written = device_counters(&bed.hosts[1].ns, "mesh0");
+        let bytes_per_write =
+            (written[0] - written_before[0]) / (written[1] - written_before[1]).max(1);
+        // With offload the segments of the stream are coalesced into
+        // super-packets (46 segments at most); without, one per write.
+        if offload {
+            assert!(
+                bytes_per_write > 8 * 1420,
+                "{mode:?}: {bytes_per_write} bytes per device write"
+            );
+        } else {
+            assert!(
+                bytes_per_write <= 1420,
+                "{bytes_per_write} bytes per device write"
+            );
+        }
         let tx = peer(&bed.peers(0).unwrap(), "h2").tx_bytes - tx_before;
         let rx = peer(&bed.peers(1).unwrap(), "h1").rx_bytes - rx_before;
         assert!(
@@ -510,30 +529,33 @@ fn net_counter(ns: &str, file: &'static str, group: &'static str, name: &'static
     .unwrap_or_else(|e| panic!("reading {group} {name} in {ns}: {e:#}"))
 }
 
-/// Packets the kernel dropped on the way into or out of the tunnel on
-/// host `ns`: the overlay device's queue (a segment meshd never read) and
-/// the underlay socket's buffer (a datagram meshd never received).
-fn kernel_drops(ns: &str, device: &'static str) -> u64 {
-    let udp = net_counter(ns, "snmp", "Udp", "RcvbufErrors");
-    let queue = meshnet_testbed::in_netns(ns, move || {
+/// The counters of `device` in `/proc/net/dev` as the namespace `ns`
+/// sees them: received bytes, packets, errs, drop, ..., transmitted bytes
+/// (the 9th), ... drop (the 12th).
+fn device_counters(ns: &str, device: &'static str) -> Vec<u64> {
+    meshnet_testbed::in_netns(ns, move || {
         let text = std::fs::read_to_string("/proc/thread-self/net/dev")?;
         let line = text
             .lines()
             .find(|l| l.trim_start().starts_with(&format!("{device}:")))
             .ok_or_else(|| anyhow::anyhow!("no {device} in /proc/net/dev"))?;
-        let fields: Vec<u64> = line
-            .split_once(':')
-            .map(|(_, f)| {
-                f.split_whitespace()
-                    .filter_map(|v| v.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        // rx drop is the 4th field, tx drop the 12th.
-        Ok(fields.get(3).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0))
+        let fields = line.split_once(':').map(|(_, f)| f).unwrap_or_default();
+        Ok(fields
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<Vec<u64>, _>>()?)
     })
-    .unwrap_or_else(|e| panic!("reading {device}'s drops in {ns}: {e:#}"));
-    udp + queue
+    .unwrap_or_else(|e| panic!("reading {device}'s counters in {ns}: {e:#}"))
+}
+
+/// Packets the kernel dropped on the way into or out of the tunnel on
+/// host `ns`: the overlay device's queue (a segment meshd never read) and
+/// the underlay socket's buffer (a datagram meshd never received).
+fn kernel_drops(ns: &str, device: &'static str) -> u64 {
+    let udp = net_counter(ns, "snmp", "Udp", "RcvbufErrors");
+    let fields = device_counters(ns, device);
+    // rx drop is the 4th field, tx drop the 12th.
+    udp + fields.get(3).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0)
 }
 
 /// No reordering within a flow, with every batching stage in play

@@ -7,6 +7,7 @@
 //! decides is driven by the `now` passed in.)
 
 pub mod arp;
+pub mod coalesce;
 pub mod drops;
 pub mod ethernet;
 pub mod handshake_gate;
