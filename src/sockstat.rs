@@ -1,9 +1,11 @@
 //! How many datagrams the kernel dropped for one UDP socket, read from the
 //! text of `/proc/net/udp` and `/proc/net/udp6`.
 //!
-//! The kernel counts, per socket, the datagrams it could not queue because
-//! the receive buffer was full (`sk_drops`): traffic that reached the host
-//! but never reached the agent. Nothing else reports it per socket without
+//! The kernel counts, per socket, what it could not queue because the
+//! receive buffer was full (`sk_drops`): traffic that reached the host but
+//! never reached the agent. It counts buffers, not datagrams: a peer's UDP
+//! GSO batch arrives as one (UDP GRO) and is dropped as one, up to 64
+//! datagrams in a single count. Nothing else reports it per socket without
 //! a control message on every receive. Pure: the shell reads the files,
 //! this finds the socket's row by inode. Must never open a file.
 
