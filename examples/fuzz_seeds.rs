@@ -75,6 +75,7 @@ fn main() -> Result<()> {
         .collect();
     save(&corpus, "tap_frame", frames.clone())?;
     save(&corpus, "tun_packet", packets.clone())?;
+    save(&corpus, "coalesce", coalesce_seeds(&packets, &frames))?;
     let mut datagram_seeds: Vec<Vec<u8>> = datagrams.iter().map(|d| prefixed(0, d)).collect();
     datagram_seeds.extend(packets.iter().map(|p| prefixed(1, p)));
     save(&corpus, "datagram", datagram_seeds)?;
@@ -124,6 +125,54 @@ fn traffic(c1: &str) -> Result<()> {
     }
     run(&["bash", "-c", "echo hello > /dev/tcp/10.42.2.2/9 || true"])?;
     Ok(())
+}
+
+/// Batches for the coalescing target (flags byte, then each packet behind
+/// its length): runs of consecutive captured packets as they are, TUN and
+/// TAP, and a captured TCP segment repeated as its flow's next segments
+/// would come (sequence number and IP ID counting on, ACK only), the shape
+/// coalescing merges.
+fn coalesce_seeds(packets: &[Vec<u8>], frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let batch = |flags: u8, run: &[Vec<u8>]| {
+        let mut seed = vec![flags];
+        for packet in run {
+            seed.extend_from_slice(&(packet.len() as u16).to_be_bytes());
+            seed.extend_from_slice(packet);
+        }
+        seed
+    };
+    let mut seeds: Vec<Vec<u8>> = packets.chunks(6).map(|run| batch(0, run)).collect();
+    seeds.extend(frames.chunks(6).map(|run| batch(1, run)));
+    let segments = packets
+        .iter()
+        .filter_map(|p| tcp_payload_len(p).map(|n| (p, n)));
+    for (i, (packet, payload)) in segments.take(8).enumerate() {
+        let run: Vec<Vec<u8>> = (0..5u16)
+            .map(|k| {
+                let mut next = packet.clone();
+                let ihl = usize::from(next[0] & 0x0f) * 4;
+                let id = u16::from_be_bytes([next[4], next[5]]).wrapping_add(k);
+                next[4..6].copy_from_slice(&id.to_be_bytes());
+                let seq = &mut next[ihl + 4..ihl + 8];
+                let at = u32::from_be_bytes([seq[0], seq[1], seq[2], seq[3]]);
+                let at = at.wrapping_add(payload * u32::from(k));
+                seq.copy_from_slice(&at.to_be_bytes());
+                next[ihl + 13] = 0x10;
+                next
+            })
+            .collect();
+        seeds.push(batch(if i % 2 == 0 { 0 } else { 2 }, &run));
+    }
+    seeds
+}
+
+/// The payload length of an IPv4 TCP packet that carries one.
+fn tcp_payload_len(packet: &[u8]) -> Option<u32> {
+    let ihl = usize::from(packet.first()? & 0x0f) * 4;
+    let header = ihl + usize::from(packet.get(ihl + 12)? >> 4) * 4;
+    let is_tcp = packet[0] >> 4 == 4 && packet.get(9) == Some(&6);
+    let payload = packet.len().checked_sub(header)?;
+    (is_tcp && payload > 0).then_some(payload as u32)
 }
 
 fn prefixed(first: u8, rest: &[u8]) -> Vec<u8> {

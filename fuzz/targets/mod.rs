@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("control", control),
     ("uapi", uapi),
+    ("coalesce", coalesce),
 ];
 
 fn key(seed: u8) -> PrivateKey {
@@ -365,4 +366,64 @@ pub fn uapi(data: &[u8]) {
     }
     let dump = meshnet::uapi::dump(&host, &peers, now);
     assert_eq!(dump.lines().count(), 1 + peers.len(), "{dump}");
+}
+
+/// A batch of packets for the device writes' coalescing: the first byte
+/// picks TUN or TAP (bit 0) and whether UDP coalesces (bit 1); then the
+/// packets, each behind its length in two bytes. Every packet goes into
+/// exactly one write, in order, and a super-packet's headers agree with
+/// the packets it stands for: lengths, segment size, link header and
+/// addresses.
+pub fn coalesce(data: &[u8]) {
+    use meshnet::core::coalesce::{Coalescer, MAX_SEGMENTS, VIRTIO_HEADER};
+    let Some((&flags, mut rest)) = data.split_first() else {
+        return;
+    };
+    let coalescer = Coalescer {
+        link_header: if flags & 1 != 0 { 14 } else { 0 },
+        udp: flags & 2 != 0,
+    };
+    let mut packets = Vec::new();
+    while let Some((len, tail)) = rest.split_first_chunk::<2>() {
+        let len = usize::from(u16::from_be_bytes(*len)).min(tail.len());
+        packets.push(&tail[..len]);
+        rest = &tail[len..];
+    }
+    let link = coalescer.link_header;
+    let mut at = 0;
+    while at < packets.len() {
+        let plan = coalescer.plan(&packets[at..]);
+        assert!(plan.count >= 1 && plan.count <= MAX_SEGMENTS);
+        assert!(at + plan.count <= packets.len(), "a plan past the batch");
+        let run = &packets[at..at + plan.count];
+        at += plan.count;
+        let prefix = plan.prefix();
+        if plan.skip == 0 {
+            assert_eq!(plan.count, 1, "several packets written as they are");
+            assert_eq!(prefix, &[0; VIRTIO_HEADER]);
+            continue;
+        }
+        assert!(plan.count >= 2, "a lone packet behind rewritten headers");
+        assert_eq!(prefix.len(), VIRTIO_HEADER + plan.skip);
+        let word = |i: usize| usize::from(u16::from_ne_bytes([prefix[i], prefix[i + 1]]));
+        let (hdr_len, gso_size) = (word(2), word(4));
+        assert_eq!(hdr_len, plan.skip);
+        let ip = &prefix[VIRTIO_HEADER + link..];
+        let payloads: Vec<usize> = run
+            .iter()
+            .map(|p| {
+                p.len()
+                    .checked_sub(plan.skip)
+                    .expect("a packet shorter than its headers")
+            })
+            .collect();
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        assert_eq!(total, plan.skip - link + payloads.iter().sum::<usize>());
+        let (last, full) = payloads.split_last().unwrap();
+        assert!(full.iter().all(|&n| n == gso_size) && (1..=gso_size).contains(last));
+        for packet in run {
+            assert_eq!(packet[..link], prefix[VIRTIO_HEADER..VIRTIO_HEADER + link]);
+            assert_eq!(packet[link + 12..link + 20], ip[12..20], "other addresses");
+        }
+    }
 }
