@@ -13,10 +13,8 @@
 //! into a packet beyond what the splitting needs (decisions are the
 //! core's), reorder packets, or hold more than one batch of buffers.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
-
-use std::io::IoSlice;
 
 use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
 
