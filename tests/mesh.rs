@@ -457,10 +457,12 @@ fn bulk_tcp_arrives_intact_with_offload_on_and_off() {
         let bytes_per_write =
             (written[0] - written_before[0]) / (written[1] - written_before[1]).max(1);
         // With offload the segments of the stream are coalesced into
-        // super-packets (46 segments at most); without, one per write.
+        // super-packets (46 segments at most, 55-58 KB on average here);
+        // without, one per write. The bound leaves room for a slow sender,
+        // whose TCP sends smaller super-packets to begin with.
         if offload {
             assert!(
-                bytes_per_write > 8 * 1420,
+                bytes_per_write > 4 * 1420,
                 "{mode:?}: {bytes_per_write} bytes per device write"
             );
         } else {
