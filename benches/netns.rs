@@ -21,6 +21,7 @@
 //! (default 4). Under `cargo test` (no `--bench`), a short self-check of
 //! the floors and of meshd alone runs instead and writes nothing.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -90,6 +91,9 @@ struct Sample {
     rtt_load_p50_ms: f64,
     rtt_load_p99_ms: f64,
     cpu_seconds_per_gb: Option<f64>,
+    /// The busiest single thread of either end's tunnel process: one
+    /// flow's bound where every thread has a core of its own.
+    busiest_thread_seconds_per_gb: Option<f64>,
     peak_rss_mib: Option<f64>,
 }
 
@@ -282,9 +286,19 @@ fn measure_one(tunnel: Tunnel, s: &Setup, seconds: u64, ticks: f64) -> Result<Sa
         tunnel.label()
     );
     let cpu_before = cpu_seconds(&s.pids, ticks)?;
+    let threads_before = thread_seconds(&s.pids, ticks)?;
     let counter_before = tunnel_tx_bytes(tunnel, s)?;
     let tcp1 = iperf(s, &[], seconds)?;
     let cpu = cpu_seconds(&s.pids, ticks)? - cpu_before;
+    let busiest_thread = thread_seconds(&s.pids, ticks)?
+        .into_iter()
+        .map(|(thread, after)| after - threads_before.get(&thread).copied().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    // Clock ticks are 10 ms: a thread's share may round above the total.
+    ensure!(
+        busiest_thread <= cpu + 0.05,
+        "one thread ({busiest_thread:.2} s) used more CPU than its processes ({cpu:.2} s)"
+    );
     if let (Some(before), Some(after)) = (counter_before, tunnel_tx_bytes(tunnel, s)?) {
         // The tunnel's own counter must have seen the payload (plus headers).
         ensure!(
@@ -318,6 +332,7 @@ fn measure_one(tunnel: Tunnel, s: &Setup, seconds: u64, ticks: f64) -> Result<Sa
         rtt_load_p50_ms: pct(&loaded, 50.0)?,
         rtt_load_p99_ms: pct(&loaded, 99.0)?,
         cpu_seconds_per_gb: (!s.pids.is_empty()).then(|| cpu / gb),
+        busiest_thread_seconds_per_gb: (!s.pids.is_empty()).then(|| busiest_thread / gb),
         peak_rss_mib: peak_rss.map(|kib| kib as f64 / 1024.0),
     })
 }
@@ -342,6 +357,17 @@ fn tunnel_tx_bytes(tunnel: Tunnel, s: &Setup) -> Result<Option<u64>> {
             ))
         }
     }
+}
+
+/// CPU seconds of every thread of `pids`, by (process, thread).
+fn thread_seconds(pids: &[u32], ticks: f64) -> Result<HashMap<(u32, u32), f64>> {
+    let mut threads = HashMap::new();
+    for &pid in pids {
+        for (tid, seconds) in measure::sample_threads(pid, ticks)? {
+            threads.insert((pid, tid), seconds);
+        }
+    }
+    Ok(threads)
 }
 
 fn cpu_seconds(pids: &[u32], ticks: f64) -> Result<f64> {
@@ -447,6 +473,7 @@ fn median_sample(runs: &[Run], tunnel: Tunnel) -> Sample {
         rtt_load_p50_ms: of(&|s| s.rtt_load_p50_ms),
         rtt_load_p99_ms: of(&|s| s.rtt_load_p99_ms),
         cpu_seconds_per_gb: opt(&|s| s.cpu_seconds_per_gb),
+        busiest_thread_seconds_per_gb: opt(&|s| s.busiest_thread_seconds_per_gb),
         peak_rss_mib: opt(&|s| s.peak_rss_mib),
     }
 }
@@ -495,6 +522,17 @@ fn print_table(
     for (t, s) in medians.iter().filter(|(t, _)| t.is_meshd()) {
         if let Some(cpu) = s.cpu_seconds_per_gb {
             println!("{:<13} cpu / floor {:.2}x", t.label(), cpu / floor);
+        }
+    }
+    // How a tunnel would scale with cores to spare: one flow can go no
+    // faster than its busiest thread gets through the bytes.
+    for (t, s) in medians.iter().filter(|(t, _)| *t != Tunnel::Veth) {
+        if let Some(busiest) = s.busiest_thread_seconds_per_gb {
+            println!(
+                "{:<13} busiest thread {busiest:.2} s/GB: one flow's bound with a core per thread {:.1} Gbit/s",
+                t.label(),
+                8.0 / busiest
+            );
         }
     }
     println!(

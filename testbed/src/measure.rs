@@ -97,6 +97,27 @@ pub fn sample_process(pid: u32, clock_ticks_per_second: f64) -> Result<ProcessSa
     })
 }
 
+/// CPU time of each thread of a running process, in seconds of user plus
+/// system time, by thread id (`/proc/PID/task/TID/stat`). A thread that
+/// ends between the listing and the read is left out.
+pub fn sample_threads(pid: u32, clock_ticks_per_second: f64) -> Result<Vec<(u32, f64)>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let mut threads = Vec::new();
+    for task in tasks {
+        let task = task?;
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let seconds = parse_stat_cpu_ticks(&stat)? as f64 / clock_ticks_per_second;
+        threads.push((tid, seconds));
+    }
+    Ok(threads)
+}
+
 /// utime + stime from /proc/PID/stat (fields 14 and 15, after the command
 /// name, which may itself contain spaces and parentheses).
 pub fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
@@ -159,6 +180,28 @@ mod tests {
         );
         assert!(parse_iperf3(r#"{"end":{}}"#).is_err());
         assert!(parse_iperf3("not json").is_err());
+    }
+
+    #[test]
+    fn every_thread_of_a_process_is_sampled() {
+        let me = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid: u32 = me.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let ticks = 100.0;
+        let threads = sample_threads(std::process::id(), ticks).unwrap();
+        assert!(
+            threads.iter().any(|&(t, _)| t == tid),
+            "{threads:?} lacks {tid}"
+        );
+        let total = sample_process(std::process::id(), ticks)
+            .unwrap()
+            .cpu_seconds;
+        let sum: f64 = threads.iter().map(|&(_, s)| s).sum();
+        // Threads that already ended count in the process only.
+        assert!(
+            sum <= total + 0.01 * threads.len() as f64,
+            "{sum} > {total}"
+        );
+        assert!(sample_threads(u32::MAX, ticks).is_err());
     }
 
     #[test]
