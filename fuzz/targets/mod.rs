@@ -375,7 +375,8 @@ pub fn uapi(data: &[u8]) {
 /// the packets it stands for: lengths, segment size, link header and
 /// addresses.
 pub fn coalesce(data: &[u8]) {
-    use meshnet::core::coalesce::{Coalescer, MAX_SEGMENTS, VIRTIO_HEADER};
+    use meshnet::core::coalesce::{Coalescer, MAX_SEGMENTS};
+    use meshnet::core::virtio::HEADER_LEN as VIRTIO_HEADER;
     let Some((&flags, mut rest)) = data.split_first() else {
         return;
     };

@@ -16,9 +16,11 @@
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
-use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
+use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VirtioNetHdr};
 
 use crate::core::coalesce::{Coalescer, MAX_SEGMENTS};
+use crate::core::ethernet::ETHERNET_HEADER;
+use crate::core::virtio;
 
 /// Largest packet or frame read without offload (and the largest
 /// unsegmented packet with it).
@@ -26,15 +28,6 @@ const READ_BUFFER: usize = 65536;
 /// A split segment never exceeds the device MTU; this covers any MTU an
 /// Ethernet underlay allows with room to spare.
 const SEGMENT_BUFFER: usize = 9216;
-/// Destination and source MAC, EtherType.
-const ETHERNET_HEADER: usize = 14;
-/// virtio-net header fields (include/uapi/linux/virtio_net.h).
-const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
-const GSO_UDP_L4: u8 = 5;
-const GSO_ECN: u8 = 0x80;
-const F_NEEDS_CSUM: u8 = 1;
 
 /// The reading half of the device, driven by the agent task.
 pub struct DeviceIo {
@@ -72,7 +65,7 @@ impl DeviceIo {
             offload,
             frames,
             raw: if offload {
-                vec![0u8; VIRTIO_NET_HDR_LEN + READ_BUFFER]
+                vec![0u8; virtio::HEADER_LEN + READ_BUFFER]
             } else {
                 Vec::new()
             },
@@ -138,13 +131,13 @@ impl DeviceIo {
             .raw
             .get_mut(..len)
             .ok_or_else(|| invalid("read past the buffer"))?;
-        if len <= VIRTIO_NET_HDR_LEN + ETHERNET_HEADER {
+        if len <= virtio::HEADER_LEN + ETHERNET_HEADER {
             return Err(invalid("frame shorter than its headers"));
         }
-        let (header, frame) = raw.split_at_mut(VIRTIO_NET_HDR_LEN);
+        let (header, frame) = raw.split_at_mut(virtio::HEADER_LEN);
         let mut hdr = VirtioNetHdr::decode(header)?;
-        if hdr.gso_type == GSO_NONE {
-            if hdr.flags & F_NEEDS_CSUM != 0 {
+        if hdr.gso_type == virtio::GSO_NONE {
+            if hdr.flags & virtio::F_NEEDS_CSUM != 0 {
                 complete_checksum(frame, hdr.csum_start, hdr.csum_offset)?;
             }
             let first = &mut self.packets[0];
@@ -156,10 +149,10 @@ impl DeviceIo {
             return Ok(1);
         }
         let (ethernet, ip) = frame.split_at_mut(ETHERNET_HEADER);
-        let is_v6 = match hdr.gso_type & !GSO_ECN {
-            GSO_TCPV4 => false,
-            GSO_TCPV6 => true,
-            GSO_UDP_L4 => ip.first().is_some_and(|b| b >> 4 == 6),
+        let is_v6 = match hdr.gso_type & !virtio::GSO_ECN {
+            virtio::GSO_TCPV4 => false,
+            virtio::GSO_TCPV6 => true,
+            virtio::GSO_UDP_L4 => ip.first().is_some_and(|b| b >> 4 == 6),
             _ => return Err(invalid("unknown GSO type")),
         };
         // The offsets count from the frame's start; the split wants them

@@ -24,26 +24,22 @@
 //! UDP length and checksum), merge frames behind different Ethernet
 //! headers, or panic on any input.
 
-/// Length of the virtio-net header every write on an offload device
-/// starts with (`struct virtio_net_hdr`, no `num_buffers`).
-pub const VIRTIO_HEADER: usize = 10;
+use super::ethernet::ETHERNET_HEADER;
+use super::virtio::{self, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4};
+
 /// Segments per write at most: Linux's limit for UDP segmentation
 /// (UDP_MAX_SEGMENTS), and more than a 64 KiB TCP super-packet of
 /// 1420-byte segments holds.
 pub const MAX_SEGMENTS: usize = 64;
 /// The longest prefix: virtio header, Ethernet header, IPv4 header without
 /// options, TCP header with the most options.
-const PREFIX_MAX: usize = VIRTIO_HEADER + 14 + IPV4_HEADER + 60;
+const PREFIX_MAX: usize = virtio::HEADER_LEN + ETHERNET_HEADER + IPV4_HEADER + 60;
 const IPV4_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
-/// virtio-net header values (include/uapi/linux/virtio_net.h).
-const F_NEEDS_CSUM: u8 = 1;
-const GSO_TCPV4: u8 = 1;
-const GSO_UDP_L4: u8 = 5;
 
 /// What the device takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +77,7 @@ impl Plan {
             count: 1,
             skip: 0,
             prefix: [0; PREFIX_MAX],
-            prefix_len: VIRTIO_HEADER,
+            prefix_len: virtio::HEADER_LEN,
         }
     }
 }
@@ -235,7 +231,7 @@ impl Coalescer {
         let total = IPV4_HEADER + l4_len;
         let skip = link + IPV4_HEADER + first.header.len();
         let mut prefix = [0u8; PREFIX_MAX];
-        let (virtio, rest) = prefix.split_at_mut(VIRTIO_HEADER);
+        let (virtio, rest) = prefix.split_at_mut(virtio::HEADER_LEN);
         let (gso_type, csum_offset) = match first.transport {
             Transport::Tcp => (GSO_TCPV4, 16u16),
             Transport::Udp => (GSO_UDP_L4, 6),
@@ -276,7 +272,7 @@ impl Coalescer {
             count,
             skip,
             prefix,
-            prefix_len: VIRTIO_HEADER + skip,
+            prefix_len: virtio::HEADER_LEN + skip,
         }
     }
 }
@@ -407,8 +403,8 @@ mod tests {
     /// checksums, PSH only on the last.
     fn segment(plan: &Plan, run: &[&[u8]], link_header: usize) -> Vec<Vec<u8>> {
         let prefix = plan.prefix();
-        let (virtio, headers) = prefix.split_at(VIRTIO_HEADER);
-        if virtio == [0; VIRTIO_HEADER] {
+        let (virtio, headers) = prefix.split_at(virtio::HEADER_LEN);
+        if virtio == [0; virtio::HEADER_LEN] {
             assert_eq!((run.len(), plan.skip), (1, 0));
             return vec![run[0].to_vec()];
         }
@@ -510,7 +506,10 @@ mod tests {
         assert_eq!(runs(TAP, &built(&specs)), vec![5]);
         let plan = TAP.plan(&built(&specs).iter().map(Vec::as_slice).collect::<Vec<_>>());
         assert_eq!(plan.skip, 14 + 20 + 32);
-        assert_eq!(&plan.prefix()[VIRTIO_HEADER..VIRTIO_HEADER + 14], &MAC);
+        assert_eq!(
+            &plan.prefix()[virtio::HEADER_LEN..virtio::HEADER_LEN + 14],
+            &MAC
+        );
     }
 
     #[test]
@@ -580,7 +579,7 @@ mod tests {
             let packets = [packet.as_slice(), &good, &good];
             let plan = TUN.plan(&packets);
             assert_eq!((plan.count, plan.skip), (1, 0), "{what}");
-            assert_eq!(plan.prefix(), &[0; VIRTIO_HEADER], "{what}");
+            assert_eq!(plan.prefix(), &[0; virtio::HEADER_LEN], "{what}");
         }
     }
 

@@ -20,6 +20,7 @@ pub mod packet;
 pub mod peer;
 pub mod route;
 pub mod service;
+pub mod virtio;
 
 pub use drops::{DropCounters, DropReason};
 pub use liveness::PeerState;
