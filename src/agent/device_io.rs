@@ -2,32 +2,30 @@
 //! segmentation offload.
 //!
 //! With offload (IFF_VNET_HDR), one read brings a TCP super-packet of up to
-//! 64 KiB that tun-rs splits into MTU-sized packets, and a batch of packets
+//! 64 KiB that the core's `split` cuts into MTU-sized packets where it
+//! landed, one at a time, each sealed before the next, and a batch of packets
 //! for the device goes out in as few writes as possible: consecutive
 //! segments of one flow become one super-packet (the core's `coalesce`
 //! decides which, and with what headers), written with `writev` straight
 //! from where the packets were opened, so no payload is copied on the way.
 //! Without offload, one packet per read and per write, as before. A TAP
-//! device (frames) splits the same way behind the Ethernet header, which is
-//! copied onto every segment, and coalesces behind it. Must never: look
+//! device (frames) splits the same way behind the Ethernet header, which
+//! every segment carries, and coalesces behind it. Must never: look
 //! into a packet beyond what the splitting needs (decisions are the
 //! core's), reorder packets, or hold more than one batch of buffers.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
-use tun_rs::{AsyncDevice, IDEAL_BATCH_SIZE, VirtioNetHdr};
+use tun_rs::AsyncDevice;
 
 use crate::core::coalesce::{Coalescer, MAX_SEGMENTS};
 use crate::core::ethernet::ETHERNET_HEADER;
+use crate::core::split::Segments;
 use crate::core::virtio;
 
-/// Largest packet or frame read without offload (and the largest
-/// unsegmented packet with it).
+/// Largest packet or frame read (with offload, behind its virtio header).
 const READ_BUFFER: usize = 65536;
-/// A split segment never exceeds the device MTU; this covers any MTU an
-/// Ethernet underlay allows with room to spare.
-const SEGMENT_BUFFER: usize = 9216;
 
 /// The reading half of the device, driven by the agent task.
 pub struct DeviceIo {
@@ -35,11 +33,10 @@ pub struct DeviceIo {
     offload: bool,
     /// TAP: reads and writes are Ethernet frames.
     frames: bool,
-    /// Offload: the raw read, virtio header and super-packet.
-    raw: Vec<u8>,
-    /// The packets of the last read (split segments with offload).
-    packets: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
+    /// The last read (with offload: virtio header, then the packet or
+    /// super-packet), cut into packets where it landed.
+    read: Vec<u8>,
+    segments: Segments,
 }
 
 /// The writing half, used by one writer at a time (the send stage).
@@ -53,31 +50,20 @@ pub struct DeviceWriter {
 impl DeviceIo {
     pub fn new(device: AsyncDevice, frames: bool) -> Self {
         let offload = device.tcp_gso();
-        let (count, first) = if offload {
-            (IDEAL_BATCH_SIZE, READ_BUFFER)
-        } else {
-            (1, READ_BUFFER)
-        };
-        let mut packets = vec![vec![0u8; SEGMENT_BUFFER]; count];
-        packets[0] = vec![0u8; first];
+        let header = if offload { virtio::HEADER_LEN } else { 0 };
         Self {
             device: Arc::new(device),
             offload,
             frames,
-            raw: if offload {
-                vec![0u8; virtio::HEADER_LEN + READ_BUFFER]
-            } else {
-                Vec::new()
-            },
-            packets,
-            sizes: vec![0; count],
+            read: vec![0u8; header + READ_BUFFER],
+            segments: Segments::default(),
         }
     }
 
     /// The writing half. Make one: writes from two writers could interleave.
     pub fn writer(&self) -> DeviceWriter {
         let coalescer = self.offload.then(|| Coalescer {
-            link_header: if self.frames { ETHERNET_HEADER } else { 0 },
+            link_header: self.link_header(),
             udp: self.device.udp_gso(),
         });
         DeviceWriter {
@@ -91,96 +77,46 @@ impl DeviceIo {
         self.offload
     }
 
+    fn link_header(&self) -> usize {
+        if self.frames { ETHERNET_HEADER } else { 0 }
+    }
+
     /// Waits for the next read; returns how many packets it brought (see
-    /// `packet`).
+    /// `next_packet`).
     pub async fn recv(&mut self) -> io::Result<usize> {
-        if !self.offload {
-            let n = self.device.recv(&mut self.packets[0]).await?;
-            self.sizes[0] = n;
-            return Ok(1);
-        }
-        if self.frames {
-            let n = self.device.recv(&mut self.raw).await?;
-            return self.split_frame(n);
-        }
-        self.device
-            .recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0)
-            .await
+        self.segments = Segments::default();
+        let n = self.device.recv(&mut self.read).await?;
+        self.cut(n)
     }
 
     /// Like `recv`, but returns `WouldBlock` instead of waiting.
     pub fn try_recv(&mut self) -> io::Result<usize> {
-        if !self.offload {
-            let n = self.device.try_recv(&mut self.packets[0])?;
-            self.sizes[0] = n;
-            return Ok(1);
-        }
-        if self.frames {
-            let n = self.device.try_recv(&mut self.raw)?;
-            return self.split_frame(n);
-        }
-        self.device
-            .try_recv_multiple(&mut self.raw, &mut self.packets, &mut self.sizes, 0)
+        self.segments = Segments::default();
+        let n = self.device.try_recv(&mut self.read)?;
+        self.cut(n)
     }
 
-    /// Splits the frame of `len` bytes in `raw` (virtio header first) into
-    /// `packets`, as tun-rs does for IP packets, keeping the Ethernet
-    /// header on each.
-    fn split_frame(&mut self, len: usize) -> io::Result<usize> {
-        let raw = self
-            .raw
+    /// Prepares the read of `len` bytes to be handed out packet by packet;
+    /// a read that cannot be split is an `InvalidData` error.
+    fn cut(&mut self, len: usize) -> io::Result<usize> {
+        let link_header = self.link_header();
+        let read = self
+            .read
             .get_mut(..len)
             .ok_or_else(|| invalid("read past the buffer"))?;
-        if len <= virtio::HEADER_LEN + ETHERNET_HEADER {
-            return Err(invalid("frame shorter than its headers"));
-        }
-        let (header, frame) = raw.split_at_mut(virtio::HEADER_LEN);
-        let mut hdr = VirtioNetHdr::decode(header)?;
-        if hdr.gso_type == virtio::GSO_NONE {
-            if hdr.flags & virtio::F_NEEDS_CSUM != 0 {
-                complete_checksum(frame, hdr.csum_start, hdr.csum_offset)?;
-            }
-            let first = &mut self.packets[0];
-            first
-                .get_mut(..frame.len())
-                .ok_or_else(|| invalid("frame too long"))?
-                .copy_from_slice(frame);
-            self.sizes[0] = frame.len();
-            return Ok(1);
-        }
-        let (ethernet, ip) = frame.split_at_mut(ETHERNET_HEADER);
-        let is_v6 = match hdr.gso_type & !virtio::GSO_ECN {
-            virtio::GSO_TCPV4 => false,
-            virtio::GSO_TCPV6 => true,
-            virtio::GSO_UDP_L4 => ip.first().is_some_and(|b| b >> 4 == 6),
-            _ => return Err(invalid("unknown GSO type")),
+        self.segments = if self.offload {
+            Segments::parse(read, link_header)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        } else {
+            Segments::whole(len)
         };
-        // The offsets count from the frame's start; the split wants them
-        // from the IP header's.
-        let behind = |v: u16| {
-            v.checked_sub(ETHERNET_HEADER as u16)
-                .ok_or_else(|| invalid("offsets inside the Ethernet header"))
-        };
-        hdr.csum_start = behind(hdr.csum_start)?;
-        hdr.hdr_len = behind(hdr.hdr_len)?;
-        let n = tun_rs::gso_split(
-            ip,
-            hdr,
-            &mut self.packets,
-            &mut self.sizes,
-            ETHERNET_HEADER,
-            is_v6,
-        )?;
-        for (packet, size) in self.packets.iter_mut().zip(&mut self.sizes).take(n) {
-            packet[..ETHERNET_HEADER].copy_from_slice(ethernet);
-            *size += ETHERNET_HEADER;
-        }
-        Ok(n)
+        Ok(self.segments.count())
     }
 
-    /// Packet `i` of the last read.
-    pub fn packet(&self, i: usize) -> &[u8] {
-        &self.packets[i][..self.sizes[i]]
+    /// The next packet of the last read, cut in place (segments of a
+    /// super-packet one at a time: each is valid until the next call).
+    pub fn next_packet(&mut self) -> Option<&[u8]> {
+        self.segments.next(&mut self.read)
     }
 }
 
@@ -224,44 +160,4 @@ impl DeviceWriter {
 
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
-}
-
-/// Fills in a checksum the kernel left partial (CHECKSUM_PARTIAL): the
-/// field at `start + offset` holds the pseudo-header sum; the sum runs
-/// from `start` to the end. Out-of-range offsets are an error, not a panic.
-fn complete_checksum(frame: &mut [u8], start: u16, offset: u16) -> io::Result<()> {
-    let (start, at) = (usize::from(start), usize::from(start) + usize::from(offset));
-    if at + 2 > frame.len() || start > at {
-        return Err(invalid("checksum offsets outside the frame"));
-    }
-    let initial = u16::from_be_bytes([frame[at], frame[at + 1]]);
-    frame[at..at + 2].fill(0);
-    let sum = tun_rs::checksum(&frame[start..], u64::from(initial));
-    frame[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    /// RFC 1071's example: a checksum over the words, the partial sum
-    /// seeded where the field is.
-    #[test]
-    fn partial_checksums_are_completed_and_bad_offsets_refused() {
-        // A UDP-like segment: 4 bytes of data, then the checksum field at
-        // offset 4 holding a pseudo-header sum of 0x0102.
-        let mut frame = vec![0x00, 0x01, 0xf2, 0x03, 0x01, 0x02, 0xf4, 0xf5];
-        complete_checksum(&mut frame, 0, 4).unwrap();
-        // Verifying: the sum of everything including the pseudo-header
-        // sum and the checksum folds to 0xffff.
-        let mut check = frame.clone();
-        let stored = u16::from_be_bytes([check[4], check[5]]);
-        check[4..6].fill(0);
-        let total = tun_rs::checksum(&check, u64::from(0x0102u16) + u64::from(stored));
-        assert_eq!(total, 0xffff);
-        assert!(complete_checksum(&mut frame, 0, 7).is_err());
-        assert!(complete_checksum(&mut frame, 9, 0).is_err());
-    }
 }

@@ -494,9 +494,8 @@ impl Shell {
         let mut taken = 0;
         for _ in 0..BATCH {
             match read {
-                Ok(n) => {
-                    for i in 0..n {
-                        let bytes = self.device.packet(i);
+                Ok(_) => {
+                    while let Some(bytes) = self.device.next_packet() {
                         taken += bytes.len();
                         match self.config.mode {
                             Mode::Tun => self.node.handle_device_packet(now, bytes, out),

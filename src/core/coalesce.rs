@@ -24,6 +24,9 @@
 //! UDP length and checksum), merge frames behind different Ethernet
 //! headers, or panic on any input.
 
+use etherparse::IpNumber;
+
+use super::checksum::{fold, sum};
 use super::ethernet::ETHERNET_HEADER;
 use super::virtio::{self, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4};
 
@@ -36,8 +39,8 @@ pub const MAX_SEGMENTS: usize = 64;
 const PREFIX_MAX: usize = virtio::HEADER_LEN + ETHERNET_HEADER + IPV4_HEADER + 60;
 const IPV4_HEADER: usize = 20;
 const UDP_HEADER: usize = 8;
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
+const PROTO_TCP: u8 = IpNumber::TCP.0;
+const PROTO_UDP: u8 = IpNumber::UDP.0;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
 
@@ -277,31 +280,11 @@ impl Coalescer {
     }
 }
 
-/// The ones' complement sum of `bytes` as big-endian 16-bit words (an odd
-/// last byte padded with zero), added to `initial`, unfolded.
-fn sum(bytes: &[u8], initial: u64) -> u64 {
-    let mut chunks = bytes.chunks_exact(2);
-    let mut total = initial;
-    for word in &mut chunks {
-        total += u64::from(u16::from_be_bytes([word[0], word[1]]));
-    }
-    if let [odd] = chunks.remainder() {
-        total += u64::from(*odd) << 8;
-    }
-    total
-}
-
-fn fold(mut total: u64) -> u16 {
-    while total > 0xffff {
-        total = (total & 0xffff) + (total >> 16);
-    }
-    total as u16
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::core::split::Segments;
     use proptest::prelude::*;
 
     const MAC: [u8; 14] = [2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
@@ -462,6 +445,18 @@ mod tests {
             assert_eq!(segments.len(), run.len(), "segments of the write at {at}");
             for (k, (got, want)) in segments.iter().zip(run).enumerate() {
                 assert_eq!(got, want, "packet {} differs after segmentation", at + k);
+            }
+            // Read back as a device read, our own splitting gives the
+            // packets too.
+            let mut read = plan.prefix().to_vec();
+            for packet in run {
+                read.extend_from_slice(&packet[plan.skip..]);
+            }
+            let mut split = Segments::parse(&mut read, coalescer.link_header).unwrap();
+            assert_eq!(split.count(), run.len(), "split of the write at {at}");
+            for (k, want) in run.iter().enumerate() {
+                let got = split.next(&mut read).unwrap().to_vec();
+                assert_eq!(&got, want, "packet {} differs after splitting", at + k);
             }
             counts.push(plan.count);
             at += plan.count;

@@ -7,6 +7,7 @@
 //! decides is driven by the `now` passed in.)
 
 pub mod arp;
+pub mod checksum;
 pub mod coalesce;
 pub mod drops;
 pub mod ethernet;
@@ -20,6 +21,7 @@ pub mod packet;
 pub mod peer;
 pub mod route;
 pub mod service;
+pub mod split;
 pub mod virtio;
 
 pub use drops::{DropCounters, DropReason};
