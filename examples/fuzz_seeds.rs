@@ -5,6 +5,9 @@
 //! requests, status and records. Run as root:
 //! `cargo run --example fuzz_seeds` (tcpdump, dig and ping installed).
 //! Existing seeds are kept; new ones are named by a hash of their bytes.
+//! `cargo run --example fuzz_seeds -- --derived` captures nothing: it only
+//! derives the seeds built from other targets' committed seeds (device
+//! reads for `split`, from the writes the `coalesce` batches plan).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,7 @@ use anyhow::{Context, Result, ensure};
 use meshnet::config::Mode;
 use meshnet::control::{AttachRequest, Request};
 use meshnet::core::PeerState;
+use meshnet::core::coalesce::Coalescer;
 use meshnet::dns::sync::{Message, Stamp, encode_snapshot};
 use meshnet::dns::{ContainerRecord, HostRecords};
 use meshnet_testbed::{Binaries, MeshOptions, Testbed, exec_in, pcap_packets, wait_until};
@@ -23,6 +27,10 @@ const ETHERNET: usize = 14;
 const MAX_SEEDS: usize = 48;
 
 fn main() -> Result<()> {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    if std::env::args().any(|a| a == "--derived") {
+        return save_derived(&corpus);
+    }
     let bins = Binaries::beside_current_exe()?;
     let options = MeshOptions {
         hosts: 2,
@@ -67,7 +75,6 @@ fn main() -> Result<()> {
         .filter_map(udp_payload_of_frame)
         .collect();
 
-    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let packets: Vec<Vec<u8>> = frames
         .iter()
         .filter(|f| f.get(12..14) == Some(&[0x08, 0x00]))
@@ -76,6 +83,7 @@ fn main() -> Result<()> {
     save(&corpus, "tap_frame", frames.clone())?;
     save(&corpus, "tun_packet", packets.clone())?;
     save(&corpus, "coalesce", coalesce_seeds(&packets, &frames))?;
+    save_derived(&corpus)?;
     let mut datagram_seeds: Vec<Vec<u8>> = datagrams.iter().map(|d| prefixed(0, d)).collect();
     datagram_seeds.extend(packets.iter().map(|p| prefixed(1, p)));
     save(&corpus, "datagram", datagram_seeds)?;
@@ -125,6 +133,57 @@ fn traffic(c1: &str) -> Result<()> {
     }
     run(&["bash", "-c", "echo hello > /dev/tcp/10.42.2.2/9 || true"])?;
     Ok(())
+}
+
+/// The seeds built from other targets' seeds on disk.
+fn save_derived(corpus: &Path) -> Result<()> {
+    let mut batches = Vec::new();
+    for entry in std::fs::read_dir(corpus.join("coalesce"))? {
+        batches.push(std::fs::read(entry?.path())?);
+    }
+    batches.sort();
+    save(corpus, "split", split_seeds(&batches))
+}
+
+/// Device reads for the splitting target (link flag, then the read): what
+/// the kernel would hand over for each write the coalescing of `batches`
+/// (coalesce seeds) plans, super-packets and single packets alike.
+fn split_seeds(batches: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut super_packets = Vec::new();
+    let mut singles = Vec::new();
+    for batch in batches {
+        let Some((&flags, mut rest)) = batch.split_first() else {
+            continue;
+        };
+        let mut packets = Vec::new();
+        while let Some((len, tail)) = rest.split_first_chunk::<2>() {
+            let len = usize::from(u16::from_be_bytes(*len)).min(tail.len());
+            packets.push(&tail[..len]);
+            rest = &tail[len..];
+        }
+        let coalescer = Coalescer {
+            link_header: if flags & 1 != 0 { ETHERNET } else { 0 },
+            udp: flags & 2 != 0,
+        };
+        let mut at = 0;
+        while at < packets.len() {
+            let plan = coalescer.plan(&packets[at..]);
+            let mut seed = vec![flags & 1];
+            seed.extend_from_slice(plan.prefix());
+            for packet in &packets[at..at + plan.count] {
+                seed.extend_from_slice(&packet[plan.skip..]);
+            }
+            at += plan.count;
+            if plan.count > 1 {
+                super_packets.push(seed);
+            } else {
+                singles.push(seed);
+            }
+        }
+    }
+    // Every super-packet first: they are the few shapes that matter most.
+    super_packets.extend(singles.into_iter().take(16));
+    super_packets
 }
 
 /// Batches for the coalescing target (flags byte, then each packet behind

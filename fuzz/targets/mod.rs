@@ -35,6 +35,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("control", control),
     ("uapi", uapi),
     ("coalesce", coalesce),
+    ("split", split),
 ];
 
 fn key(seed: u8) -> PrivateKey {
@@ -427,4 +428,61 @@ pub fn coalesce(data: &[u8]) {
             assert_eq!(packet[link + 12..link + 20], ip[12..20], "other addresses");
         }
     }
+}
+
+/// A device read for the splitting of super-packets: the first byte picks
+/// TUN or TAP (bit 0), the rest is the read (virtio header, then the
+/// packet or frame). A read is refused or cut into exactly as many
+/// segments as it says, in order, each inside the read; the last one ends
+/// where the read ends; every IPv4 segment's total length and header
+/// checksum are its own.
+pub fn split(data: &[u8]) {
+    use meshnet::core::checksum::{fold, sum};
+    use meshnet::core::split::Segments;
+    use meshnet::core::virtio::HEADER_LEN as VIRTIO_HEADER;
+    let Some((&flags, read)) = data.split_first() else {
+        return;
+    };
+    let link = if flags & 1 != 0 { 14 } else { 0 };
+    let mut read = read.to_vec();
+    let Ok(mut segments) = Segments::parse(&mut read, link) else {
+        return;
+    };
+    let start = read.as_ptr() as usize;
+    let (len, count) = (read.len(), segments.count());
+    let is_super = read[1] != 0;
+    let mut seen = 0;
+    let mut previous = start;
+    while let Some(segment) = segments.next(&mut read) {
+        seen += 1;
+        assert!(seen <= count, "more segments than counted");
+        let at = segment.as_ptr() as usize;
+        assert!(
+            at >= previous && at + segment.len() <= start + len,
+            "outside the read"
+        );
+        previous = at;
+        if !is_super {
+            assert_eq!(
+                (at - start, segment.len()),
+                (VIRTIO_HEADER, len - VIRTIO_HEADER)
+            );
+            continue;
+        }
+        if seen == count {
+            assert_eq!(
+                at + segment.len(),
+                start + len,
+                "the last segment ends early"
+            );
+        }
+        let ip = &segment[link..];
+        if ip[0] >> 4 == 4 {
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            assert_eq!(total, ip.len(), "IPv4 total length");
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            assert_eq!(fold(sum(&ip[..ihl], 0)), 0xffff, "IPv4 header checksum");
+        }
+    }
+    assert_eq!(seen, count);
 }
