@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks: per-packet cost of the core beside raw ChaCha20-Poly1305
-# (criterion), then meshd end to end (TUN with and without offloads, TAP)
-# beside veth, wireguard-go, gotatun and boringtun-cli (the last two are
+# and of splitting and coalescing device IO (criterion), then meshd end to
+# end (TUN with and without offloads, TAP) beside veth, wireguard-go, gotatun and boringtun-cli (the last two are
 # installed here with cargo when missing). Run as root on
 # Debian; a few minutes. Results: target/criterion/, target/netns-bench.json
 # and target/netns-bench.svg; then what a handshake flood costs the agent.
@@ -20,5 +20,6 @@ command -v boringtun-cli >/dev/null || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/bor
     cargo install --locked boringtun-cli --version 0.7.1
 scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go protobuf-compiler libprotobuf-dev
 cargo bench --bench encap
+cargo bench --bench offload
 cargo bench --bench netns
 cargo bench --bench flood
