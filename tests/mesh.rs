@@ -690,3 +690,144 @@ fn packets_of_one_flow_arrive_in_the_order_they_were_sent() {
         );
     }
 }
+
+/// The datagram `seq` of the UDP offload test: its number, then bytes
+/// that depend on it.
+fn segmented_datagram(seq: u32, len: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..len)
+        .map(|i| (seq as usize).wrapping_mul(17).wrapping_add(i) as u8)
+        .collect();
+    bytes[..4].copy_from_slice(&seq.to_be_bytes());
+    bytes
+}
+
+/// UDP segmentation offload end to end: an application that hands its
+/// kernel super-datagrams (UDP_SEGMENT, through quinn-udp) makes the
+/// overlay device give meshd UDP super-packets, which meshd must cut into
+/// the datagrams the application meant, every one intact on the other
+/// host. The sender's device counts a super-packet as one packet, so its
+/// bytes per packet show that meshd read super-packets.
+#[test]
+fn udp_super_datagrams_arrive_as_the_datagrams_they_hold() {
+    use std::net::UdpSocket;
+    const SUPERS: u32 = 200;
+    const SEGMENTS: u32 = 8;
+    const SEGMENT: usize = 1200;
+    const PORT: u16 = 5302;
+    let device = meshnet::config::DEFAULT_DEVICE;
+    for mode in [Mode::Tun, Mode::Tap] {
+        let options = MeshOptions {
+            hosts: 2,
+            keepalive: None,
+            mode,
+        };
+        let tag = if mode == Mode::Tap {
+            "usotap"
+        } else {
+            "usotun"
+        };
+        let mut bed = Testbed::new(tag, &options, bins()).expect("building the testbed");
+        bed.start_all().expect("starting agents");
+        wait_all_up(&bed);
+        assert!(
+            bed.log(0).contains("device_uso=true"),
+            "{mode:?}: the overlay device does not take UDP segmentation offload \
+             (TUN_F_USO4, Linux 6.2 or later), which this test needs:\n{}",
+            bed.log(0)
+        );
+        let to = bed.hosts[1].overlay;
+        assert!(bed.ping(0, to, 2).unwrap(), "{}", bed.log(0));
+
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let receiver = meshnet_testbed::spawn_in_netns(&bed.hosts[1].ns, move || {
+            let socket = UdpSocket::bind((to, PORT))?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            bound_tx.send(())?;
+            let mut received = 0u32;
+            let mut buf = [0u8; 2048];
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                let n = match socket.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                anyhow::ensure!(n == SEGMENT, "a datagram of {n} bytes, not {SEGMENT}");
+                let seq = u32::from_be_bytes(buf[..4].try_into()?);
+                anyhow::ensure!(
+                    buf[..n] == segmented_datagram(seq, SEGMENT)[..],
+                    "datagram {seq} arrived altered"
+                );
+                received += 1;
+                if seq == SUPERS * SEGMENTS - 1 {
+                    break;
+                }
+            }
+            Ok(received)
+        })
+        .expect("starting the receiver");
+        bound_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the receiver did not bind");
+
+        let before = device_counters(&bed.hosts[0].ns, device);
+        meshnet_testbed::in_netns(&bed.hosts[0].ns, move || {
+            let socket = UdpSocket::bind(("0.0.0.0", 0))?;
+            let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+            anyhow::ensure!(
+                state.max_gso_segments() > 1,
+                "no UDP_SEGMENT on this kernel"
+            );
+            let destination = std::net::SocketAddr::from((to, PORT));
+            for k in 0..SUPERS {
+                let contents: Vec<u8> = (0..SEGMENTS)
+                    .flat_map(|i| segmented_datagram(k * SEGMENTS + i, SEGMENT))
+                    .collect();
+                let transmit = quinn_udp::Transmit {
+                    destination,
+                    ecn: None,
+                    contents: &contents,
+                    segment_size: Some(SEGMENT),
+                    src_ip: None,
+                };
+                state.try_send((&socket).into(), &transmit)?;
+                // Paced, so that loss does not hide what arrives.
+                if k % 10 == 9 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            Ok(())
+        })
+        .expect("sending");
+        let after = device_counters(&bed.hosts[0].ns, device);
+        let received = receiver
+            .join()
+            .expect("the receiver panicked")
+            .unwrap_or_else(|e| panic!("{mode:?}: {e:#}\n{}", bed.log(1)));
+        // Transmit bytes are the 9th field, packets the 10th.
+        let (bytes, packets) = (after[8] - before[8], after[9] - before[9]);
+        let per_packet = bytes / packets.max(1);
+        eprintln!(
+            "{mode:?}: {received} of {} datagrams arrived intact; the sender's device \
+             gave meshd {packets} packets, {per_packet} bytes each",
+            SUPERS * SEGMENTS
+        );
+        assert!(
+            per_packet > 4 * SEGMENT as u64,
+            "{mode:?}: meshd read {per_packet} bytes per packet: no UDP super-packets"
+        );
+        assert!(
+            received >= SUPERS * SEGMENTS / 2,
+            "{mode:?}: only {received} of {} datagrams arrived\n{}",
+            SUPERS * SEGMENTS,
+            bed.log(1)
+        );
+    }
+}

@@ -64,7 +64,7 @@ impl DeviceIo {
     pub fn writer(&self) -> DeviceWriter {
         let coalescer = self.offload.then(|| Coalescer {
             link_header: self.link_header(),
-            udp: self.device.udp_gso(),
+            udp: self.udp_offload(),
         });
         DeviceWriter {
             device: Arc::clone(&self.device),
@@ -75,6 +75,12 @@ impl DeviceIo {
     /// Whether segmentation offload is on.
     pub fn offload(&self) -> bool {
         self.offload
+    }
+
+    /// Whether the device also takes and gives UDP super-packets (USO,
+    /// Linux 6.2 and later).
+    pub fn udp_offload(&self) -> bool {
+        self.offload && self.device.udp_gso()
     }
 
     fn link_header(&self) -> usize {

@@ -234,6 +234,7 @@ pub async fn run_with_store(
         listen = %listen,
         peers = membership.borrow().peers.len(),
         tun_offload = device.offload(),
+        device_uso = device.udp_offload(),
         udp_gso,
         udp_gro,
         send_thread = send.threaded(),
