@@ -3,8 +3,9 @@
 # and of splitting and coalescing device IO (criterion), then meshd end to
 # end (TUN with and without offloads, TAP) beside veth, wireguard-go,
 # gotatun and boringtun-cli (the last two are installed here with cargo
-# when missing). Run as root on Debian; a few minutes. Results: target/criterion/, target/netns-bench.json
-# and target/netns-bench.svg; then what a handshake flood costs the agent.
+# when missing). Run as root on Debian; a few minutes. Results:
+# target/criterion/, target/netns-bench.json and target/netns-bench.svg;
+# then what a handshake flood costs the agent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
