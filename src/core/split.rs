@@ -51,6 +51,8 @@ pub enum SplitError {
     IpHeader,
     #[error("headers longer than {HEADERS_MAX} bytes")]
     HeadersTooLong,
+    #[error("a segment longer than its IP length field can say")]
+    SegmentTooLong,
 }
 
 /// The segments of one read, handed out in order by [`Segments::next`].
@@ -177,7 +179,7 @@ impl SuperPacket {
             GSO_TCPV4 => (PROTO_TCP, false),
             GSO_TCPV6 => (PROTO_TCP, true),
             GSO_UDP_L4 if gso_type & GSO_ECN == 0 => (PROTO_UDP, version == 6),
-            other => return Err(SplitError::GsoType(other)),
+            _ => return Err(SplitError::GsoType(gso_type)),
         };
         let expected_offset = if protocol == PROTO_TCP { 16 } else { 6 };
         if csum_offset != expected_offset {
@@ -216,6 +218,12 @@ impl SuperPacket {
         let mut headers = [0; HEADERS_MAX];
         headers[..headers_len].copy_from_slice(&frame[..headers_len]);
         let payload = frame.len() - headers_len;
+        // IPv4's total length counts its header, IPv6's payload length not.
+        let ip_header_uncounted = if v6 { 40 } else { 0 };
+        let longest = headers_len - link - ip_header_uncounted + payload.min(gso_size);
+        if longest > usize::from(u16::MAX) {
+            return Err(SplitError::SegmentTooLong);
+        }
         Ok(Self {
             headers,
             headers_len,
@@ -462,6 +470,15 @@ mod tests {
             change(&mut read);
             assert_eq!(Segments::parse(&mut read, 0).err(), Some(error), "{what}");
         }
+        // A segment's IPv6 payload length (TCP header and data) must fit
+        // in 16 bits: 20 + 65,515 bytes does, 20 + 65,516 does not.
+        let mut read = v6_read(false, 0x10, GSO_TCPV6, 65_515, &vec![0; 65_515]);
+        assert_eq!(Segments::parse(&mut read, 0).unwrap().count(), 1);
+        let mut read = v6_read(false, 0x10, GSO_TCPV6, 65_516, &vec![0; 65_516]);
+        assert_eq!(
+            Segments::parse(&mut read, 0).err(),
+            Some(SplitError::SegmentTooLong)
+        );
         // A single packet's partial checksum pointing past its end.
         let mut read = v6_read(true, 0, GSO_NONE, 0, b"x");
         read[8] = 200;
