@@ -505,7 +505,13 @@ fn ordered_datagram_len(seq: u32) -> usize {
 }
 
 fn ordered_datagram(seq: u32) -> Vec<u8> {
-    let mut bytes: Vec<u8> = (0..ordered_datagram_len(seq))
+    numbered_datagram(seq, ordered_datagram_len(seq))
+}
+
+/// Datagram `seq` of `len` bytes: its number, then bytes that depend on
+/// it, so that an altered or misplaced datagram shows.
+fn numbered_datagram(seq: u32, len: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..len)
         .map(|i| (seq as usize).wrapping_mul(31).wrapping_add(i) as u8)
         .collect();
     bytes[..4].copy_from_slice(&seq.to_be_bytes());
@@ -712,16 +718,6 @@ fn packets_of_one_flow_arrive_in_the_order_they_were_sent() {
     }
 }
 
-/// The datagram `seq` of the UDP offload test: its number, then bytes
-/// that depend on it.
-fn segmented_datagram(seq: u32, len: usize) -> Vec<u8> {
-    let mut bytes: Vec<u8> = (0..len)
-        .map(|i| (seq as usize).wrapping_mul(17).wrapping_add(i) as u8)
-        .collect();
-    bytes[..4].copy_from_slice(&seq.to_be_bytes());
-    bytes
-}
-
 /// UDP segmentation offload end to end: an application that hands its
 /// kernel super-datagrams (UDP_SEGMENT, through quinn-udp) makes the
 /// overlay device give meshd UDP super-packets, which meshd must cut into
@@ -760,7 +756,7 @@ fn udp_super_datagrams_arrive_as_the_datagrams_they_hold() {
         assert!(bed.ping(0, to, 2).unwrap(), "{}", bed.log(0));
 
         let receiver = spawn_receiver(&bed, to, PORT, SUPERS * SEGMENTS - 1, |seq| {
-            segmented_datagram(seq, SEGMENT)
+            numbered_datagram(seq, SEGMENT)
         });
 
         let before = device_counters(&bed.hosts[0].ns, device);
@@ -774,7 +770,7 @@ fn udp_super_datagrams_arrive_as_the_datagrams_they_hold() {
             let destination = std::net::SocketAddr::from((to, PORT));
             for k in 0..SUPERS {
                 let contents: Vec<u8> = (0..SEGMENTS)
-                    .flat_map(|i| segmented_datagram(k * SEGMENTS + i, SEGMENT))
+                    .flat_map(|i| numbered_datagram(k * SEGMENTS + i, SEGMENT))
                     .collect();
                 let transmit = quinn_udp::Transmit {
                     destination,

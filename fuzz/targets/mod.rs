@@ -407,8 +407,8 @@ pub fn coalesce(data: &[u8]) {
         }
         assert!(plan.count >= 2, "a lone packet behind rewritten headers");
         assert_eq!(prefix.len(), VIRTIO_HEADER + plan.skip);
-        let word = |i: usize| usize::from(u16::from_ne_bytes([prefix[i], prefix[i + 1]]));
-        let (hdr_len, gso_size) = (word(2), word(4));
+        let header = meshnet::core::virtio::Header::read(prefix).unwrap();
+        let (hdr_len, gso_size) = (usize::from(header.hdr_len), usize::from(header.gso_size));
         assert_eq!(hdr_len, plan.skip);
         let ip = &prefix[VIRTIO_HEADER + link..];
         let payloads: Vec<usize> = run

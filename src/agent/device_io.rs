@@ -141,13 +141,23 @@ impl DeviceWriter {
             }
             return failed;
         };
-        let batch: Vec<&[u8]> = packets.collect();
+        // No write holds more than MAX_SEGMENTS packets, so the plan never
+        // needs to see more of the batch than that: a window on the stack,
+        // not a collected batch per flush.
+        let mut packets = packets.fuse();
+        let mut window: [&[u8]; MAX_SEGMENTS] = [&[]; MAX_SEGMENTS];
+        let mut filled = 0;
         let mut failed = 0;
-        let mut at = 0;
-        while at < batch.len() {
-            let plan = coalescer.plan(&batch[at..]);
-            let run = &batch[at..at + plan.count];
-            at += plan.count;
+        loop {
+            for (slot, packet) in window[filled..].iter_mut().zip(&mut packets) {
+                *slot = packet;
+                filled += 1;
+            }
+            if filled == 0 {
+                return failed;
+            }
+            let plan = coalescer.plan(&window[..filled]);
+            let run = &window[..plan.count];
             let mut parts = [IoSlice::new(&[]); MAX_SEGMENTS + 1];
             parts[0] = IoSlice::new(plan.prefix());
             for (part, packet) in parts[1..].iter_mut().zip(run) {
@@ -159,8 +169,9 @@ impl DeviceWriter {
                 tracing::debug!(error = %e, packets = run.len(), "device write failed");
                 failed += run.len() as u64;
             }
+            window.copy_within(plan.count..filled, 0);
+            filled -= plan.count;
         }
-        failed
     }
 }
 

@@ -26,7 +26,7 @@
 
 use etherparse::IpNumber;
 
-use super::checksum::{fold, sum};
+use super::checksum;
 use super::ethernet::ETHERNET_HEADER;
 use super::virtio::{self, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4};
 
@@ -239,21 +239,22 @@ impl Coalescer {
             Transport::Tcp => (GSO_TCPV4, 16u16),
             Transport::Udp => (GSO_UDP_L4, 6),
         };
-        // The device's byte order is the host's (a legacy virtio header on
-        // a device that was never switched with TUNSETVNETBE/LE).
-        virtio[0] = F_NEEDS_CSUM;
-        virtio[1] = gso_type;
-        virtio[2..4].copy_from_slice(&(skip as u16).to_ne_bytes());
-        virtio[4..6].copy_from_slice(&(first.payload as u16).to_ne_bytes());
-        virtio[6..8].copy_from_slice(&((link + IPV4_HEADER) as u16).to_ne_bytes());
-        virtio[8..10].copy_from_slice(&csum_offset.to_ne_bytes());
+        let header = virtio::Header {
+            flags: F_NEEDS_CSUM,
+            gso_type,
+            hdr_len: skip as u16,
+            gso_size: first.payload as u16,
+            csum_start: (link + IPV4_HEADER) as u16,
+            csum_offset,
+        };
+        virtio.copy_from_slice(&header.to_bytes());
 
         rest[..link].copy_from_slice(first.link);
         let ip = &mut rest[link..link + IPV4_HEADER];
         ip.copy_from_slice(first.ip);
         ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         ip[10..12].fill(0);
-        let ip_checksum = !fold(sum(ip, 0));
+        let ip_checksum = checksum::finish(checksum::sum(ip, 0));
         ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
 
         let l4 = &mut rest[link + IPV4_HEADER..skip];
@@ -268,9 +269,9 @@ impl Coalescer {
         }
         // The kernel finishes the checksum from here: the field holds the
         // pseudo-header's sum, folded but not inverted.
-        let pseudo = sum(&first.ip[12..20], u64::from(first.ip[9]) + l4_len as u64);
+        let pseudo = checksum::pseudo_header(&first.ip[12..20], first.ip[9], l4_len);
         let at = usize::from(csum_offset);
-        l4[at..at + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
+        l4[at..at + 2].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
         Plan {
             count,
             skip,
@@ -284,6 +285,7 @@ impl Coalescer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::core::checksum::{fold, sum};
     use crate::core::split::Segments;
     use proptest::prelude::*;
 
@@ -391,9 +393,15 @@ mod tests {
             assert_eq!((run.len(), plan.skip), (1, 0));
             return vec![run[0].to_vec()];
         }
-        let word = |at: usize| usize::from(u16::from_ne_bytes([virtio[at], virtio[at + 1]]));
-        let (hdr_len, gso_size, csum_start, csum_offset) = (word(2), word(4), word(6), word(8));
-        assert_eq!(virtio[0], F_NEEDS_CSUM);
+        let header = virtio::Header::read(virtio).unwrap();
+        let [hdr_len, gso_size, csum_start, csum_offset] = [
+            header.hdr_len,
+            header.gso_size,
+            header.csum_start,
+            header.csum_offset,
+        ]
+        .map(usize::from);
+        assert_eq!(header.flags, F_NEEDS_CSUM);
         assert_eq!(hdr_len, headers.len());
         assert_eq!(csum_start, link_header + IPV4_HEADER);
         let payload: Vec<u8> = run.iter().flat_map(|p| p[plan.skip..].to_vec()).collect();
@@ -402,7 +410,7 @@ mod tests {
         assert_eq!(fold(sum(ip, 0)), 0xffff, "IP checksum");
         let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
         assert_eq!(total, headers.len() - link_header + payload.len());
-        let is_tcp = virtio[1] == GSO_TCPV4;
+        let is_tcp = header.gso_type == GSO_TCPV4;
         assert_eq!(csum_offset, if is_tcp { 16 } else { 6 });
         let id = u16::from_be_bytes([ip[4], ip[5]]);
         let chunks: Vec<&[u8]> = payload.chunks(gso_size).collect();

@@ -108,27 +108,26 @@ impl Segments {
     /// packet or frame (behind `link` bytes of Ethernet header on TAP). A
     /// partial checksum of a single packet is finished here, in `read`.
     pub fn parse(read: &mut [u8], link: usize) -> Result<Self, SplitError> {
-        let header = read.get(..virtio::HEADER_LEN).ok_or(SplitError::Short)?;
-        let word = |at: usize| usize::from(u16::from_ne_bytes([header[at], header[at + 1]]));
-        let (flags, gso_type) = (header[0], header[1]);
-        let (gso_size, csum_start, csum_offset) = (word(4), word(6), word(8));
+        let header = virtio::Header::read(read).ok_or(SplitError::Short)?;
+        let [gso_size, csum_start, csum_offset] =
+            [header.gso_size, header.csum_start, header.csum_offset].map(usize::from);
         let len = read.len();
         let frame = &mut read[virtio::HEADER_LEN..];
         if frame.len() <= link {
             return Err(SplitError::Short);
         }
-        let packet = if gso_type == GSO_NONE {
-            if flags & F_NEEDS_CSUM != 0 {
+        let packet = if header.gso_type == GSO_NONE {
+            if header.flags & F_NEEDS_CSUM != 0 {
                 finish_partial(frame, csum_start, csum_offset)?;
             }
             None
-        } else if flags & F_NEEDS_CSUM == 0 || gso_size == 0 {
+        } else if header.flags & F_NEEDS_CSUM == 0 || gso_size == 0 {
             return Err(SplitError::NotSegmentable);
         } else {
             Some(SuperPacket::parse(
                 frame,
                 link,
-                gso_type,
+                header.gso_type,
                 gso_size,
                 csum_start,
                 csum_offset,
@@ -339,13 +338,16 @@ mod tests {
         ip.extend_from_slice(&[protocol, 64]);
         ip.extend_from_slice(&V6_SRC);
         ip.extend_from_slice(&V6_DST);
-        let mut virtio = vec![F_NEEDS_CSUM, gso_type];
-        // hdr_len as the kernel may give it: the whole first buffer.
-        let whole = (ip.len() + l4_len) as u16;
-        for word in [whole, gso_size, 40, at as u16] {
-            virtio.extend_from_slice(&word.to_ne_bytes());
-        }
-        [virtio, ip, l4, payload.to_vec()].concat()
+        let virtio = virtio::Header {
+            flags: F_NEEDS_CSUM,
+            gso_type,
+            // As the kernel may give it: the whole first buffer.
+            hdr_len: (ip.len() + l4_len) as u16,
+            gso_size,
+            csum_start: 40,
+            csum_offset: at as u16,
+        };
+        [&virtio.to_bytes()[..], &ip, &l4, payload].concat()
     }
 
     /// Checks a segment's lengths and transport checksum; returns its
