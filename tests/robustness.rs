@@ -21,7 +21,7 @@ fn node() -> Node {
         subnet: "10.42.1.0/24".parse().unwrap(),
         overlay: "10.42.0.0/16".parse().unwrap(),
     };
-    let mut node = Node::new(&identity, LinkMode::Tun, Instant::now());
+    let mut node = Node::new(&identity, LinkMode::Tun, 1420, Instant::now());
     let peer = PeerSpec {
         name: "h2".into(),
         public_key: PrivateKey::generate().unwrap().public_key(),

@@ -19,6 +19,9 @@ use meshnet::dns::{ContainerRecord, HostRecords, Zone};
 use meshnet::keys::{PrivateKey, PublicKey};
 use meshnet::membership::{Membership, PeerSpec};
 
+/// The device MTU the fuzzed node seals for.
+const MTU: u16 = 1420;
+
 /// A target's body: libFuzzer's bytes in, a panic on a broken invariant.
 pub type Target = fn(&[u8]);
 
@@ -55,7 +58,7 @@ fn node(mode: LinkMode, now: Instant) -> Node {
         subnet: "10.42.1.0/24".parse().unwrap(),
         overlay: "10.42.0.0/16".parse().unwrap(),
     };
-    let mut node = Node::new(&identity, mode, now);
+    let mut node = Node::new(&identity, mode, MTU, now);
     node.apply_membership(&membership());
     node
 }

@@ -170,7 +170,7 @@ pub async fn run_with_store(
             (
                 tun,
                 None,
-                Node::new(&identity, LinkMode::Tun, Instant::now()),
+                Node::new(&identity, LinkMode::Tun, mtu, Instant::now()),
             )
         }
         Mode::Tap => {
@@ -182,7 +182,7 @@ pub async fn run_with_store(
             let tap = device::create_tap(&config.device, mtu, config.offload)?;
             netops::bring_up_device(&config.device).await?;
             netops::enslave(&config.device, &config.bridge).await?;
-            let mut node = Node::new(&identity, LinkMode::Tap, Instant::now());
+            let mut node = Node::new(&identity, LinkMode::Tap, mtu, Instant::now());
             let containers = Containers::restore(&config, mtu, records, &mut node).await?;
             (tap, Some(containers), node)
         }

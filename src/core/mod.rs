@@ -18,6 +18,7 @@ pub mod liveness;
 pub mod node;
 pub mod outbox;
 pub mod packet;
+pub mod padding;
 pub mod peer;
 pub mod route;
 pub mod service;

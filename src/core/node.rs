@@ -25,6 +25,7 @@ use super::ethernet::{ETHERNET_HEADER, ETHERTYPE_ARP, ETHERTYPE_IPV4, Frame, Mac
 use super::handshake_gate::HandshakeGate;
 use super::outbox::{Outbox, Placed};
 use super::packet::{self, ICMP_ERROR_MAX, SyncPort};
+use super::padding::Padder;
 use super::peer::{Peer, PeerStatus};
 use super::route::RouteTable;
 use super::service::{self, SERVICE_ADDRESS};
@@ -133,10 +134,13 @@ pub struct Node {
     policy: Enforcer,
     /// TAP mode: ARP requests answered (for metrics).
     arp_replies: u64,
+    /// Pads what is sealed to the protocol's multiple of 16 bytes.
+    padder: Padder,
 }
 
 impl Node {
-    pub fn new(identity: &Identity, mode: LinkMode, now: Instant) -> Self {
+    /// `mtu` is the largest packet the device carries: padding stops there.
+    pub fn new(identity: &Identity, mode: LinkMode, mtu: u16, now: Instant) -> Self {
         let public_key = identity.private_key.public_key();
         let tap = (mode == LinkMode::Tap).then(|| {
             let agent_mac = Mac::of_agent(&public_key);
@@ -174,6 +178,7 @@ impl Node {
             sync_packet: Vec::new(),
             policy: Enforcer::default(),
             arp_replies: 0,
+            padder: Padder::new(mtu),
         }
     }
 
@@ -341,7 +346,7 @@ impl Node {
         let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
             return self.drop(DropReason::NoRoute);
         };
-        if let Err(reason) = peer.send(now, packet, out) {
+        if let Err(reason) = peer.send(now, self.padder.pad(packet), out) {
             peer.count_drop();
             self.drop(reason);
         }
@@ -498,7 +503,7 @@ impl Node {
             .udp(SYNC_PORT, SYNC_PORT)
             .write(&mut packet, payload);
         let sent = match built {
-            Ok(()) => peer.send(now, &packet, out),
+            Ok(()) => peer.send(now, self.padder.pad(&packet), out),
             Err(_) => Err(DropReason::Malformed),
         };
         self.sync_packet = packet;

@@ -46,7 +46,9 @@ pub struct PeerStatus {
     pub subnet: Ipv4Net,
     pub state: PeerState,
     pub last_handshake_secs_ago: Option<u64>,
-    /// Inner bytes received and sent, as `wg show` counts transfer.
+    /// Bytes opened from and sealed for this peer: the inner packets with
+    /// their padding to 16 bytes (`core::padding`), without WireGuard's
+    /// headers, so both ends of a tunnel count the same.
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub rx_packets: u64,
@@ -242,7 +244,9 @@ impl Peer {
                 let destination = packet
                     .get(16..20)
                     .map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]));
-                let len = packet.len() as u64;
+                // What the sender sealed, padding included, so that both
+                // ends of a tunnel count the same bytes.
+                let len = datagram.len().saturating_sub(WG_OVERHEAD) as u64;
                 let placed = Placed::within(start, packet);
                 self.authenticated(now, from, kind);
                 if !self.spec.subnet.contains(&source) {

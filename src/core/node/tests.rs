@@ -7,6 +7,9 @@ use etherparse::PacketBuilder;
 
 use super::*;
 
+/// The device MTU the simulated hosts seal for.
+const MTU: u16 = 1420;
+
 struct Host {
     node: Node,
     addr: SocketAddr,
@@ -68,7 +71,7 @@ impl Sim {
                     subnet: d.subnet.parse().unwrap(),
                     overlay: "10.42.0.0/16".parse().unwrap(),
                 };
-                let mut node = Node::new(&identity, mode, now);
+                let mut node = Node::new(&identity, mode, MTU, now);
                 let peers = defs
                     .iter()
                     .enumerate()
@@ -245,14 +248,63 @@ fn packets_cross_the_mesh_intact_and_only_to_their_owner() {
     assert!(sim.hosts[1].delivered.is_empty());
     let s = sim.status(0, "h2");
     assert_eq!(s.tx_packets, 1);
-    assert_eq!(s.tx_bytes, ping.len() as u64);
+    // 46 bytes, sealed with their padding to 48.
+    assert_eq!(s.tx_bytes, 48);
     assert_eq!(sim.status(2, "h0").rx_packets, 1);
+    assert_eq!(sim.status(2, "h0").rx_bytes, 48);
     assert!(
         !sim.wire
             .iter()
             .any(|d| d.windows(18).any(|w| w == b"payload-0123456789")),
         "payload crossed the underlay in clear"
     );
+}
+
+#[test]
+fn data_is_sealed_padded_to_sixteen_bytes_and_arrives_as_it_was_sent() {
+    let mut sim = Sim::mesh(&three_hosts(), None);
+    sim.send_from_device(0, &icmp_echo([10, 42, 1, 1], [10, 42, 2, 1], b""));
+    sim.run();
+    sim.wire.clear();
+    sim.hosts[1].delivered.clear();
+    let (tx_before, rx_before) = (sim.status(0, "h1").tx_bytes, sim.status(1, "h0").rx_bytes);
+    // Every length from the smallest IPv4 packet to the MTU, across the
+    // point where rounding up would pass it (1417 and up).
+    let sent: Vec<Vec<u8>> = (0..=usize::from(MTU) - 28)
+        .step_by(7)
+        .chain(1389..=usize::from(MTU) - 28)
+        .map(|payload| {
+            udp(
+                [10, 42, 1, 1],
+                [10, 42, 2, 1],
+                5000,
+                5001,
+                &vec![0xa5; payload],
+            )
+        })
+        .collect();
+    for packet in &sent {
+        sim.send_from_device(0, packet);
+    }
+    sim.run();
+    assert_eq!(
+        sim.hosts[1].delivered, sent,
+        "padding must not reach the device"
+    );
+    let sealed: Vec<usize> = sim
+        .wire
+        .iter()
+        .filter(|d| d.first() == Some(&4))
+        .map(|d| d.len() - 32)
+        .collect();
+    assert_eq!(sealed.len(), sent.len());
+    for (packet, sealed) in sent.iter().zip(&sealed) {
+        let expected = packet.len().next_multiple_of(16).min(usize::from(MTU));
+        assert_eq!(*sealed, expected, "a {}-byte packet", packet.len());
+    }
+    let bytes: usize = sealed.iter().sum();
+    assert_eq!(sim.status(0, "h1").tx_bytes - tx_before, bytes as u64);
+    assert_eq!(sim.status(1, "h0").rx_bytes - rx_before, bytes as u64);
 }
 
 #[test]
