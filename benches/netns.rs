@@ -3,9 +3,8 @@
 //! Two hosts in network namespaces over veth; in turn (A B A B ...) plain
 //! veth, meshd (TUN, offloads on), meshd with `offload = false` (the
 //! one-syscall-per-packet path), meshd in TAP mode (the containers' path),
-//! wireguard-go, and gotatun and boringtun-cli when installed (`cargo
-//! install gotatun-cli --version 0.10.2`, `cargo install boringtun-cli`;
-//! scripts/bench.sh does). For each: iperf3 TCP with 1 and 4 streams, UDP
+//! wireguard-go, and gotatun and boringtun-cli when installed
+//! (scripts/peers.sh, which scripts/bench.sh runs, installs them). For each: iperf3 TCP with 1 and 4 streams, UDP
 //! at full blast (received rate and loss), ping RTT p50/p99 idle and under
 //! TCP load, CPU seconds per GB of the tunnel processes (both ends), and
 //! their peak RSS. The same run measures two floors the figures are read
@@ -32,7 +31,7 @@ use meshnet::config::Mode;
 use meshnet::core::PeerState;
 use meshnet_testbed::measure::{self, IperfResult};
 use meshnet_testbed::{
-    Binaries, MeshOptions, Testbed, WireguardGo, exec_in, unique_name, wait_until,
+    Binaries, MeshOptions, Testbed, WireguardGo, cargo_binary, exec_in, unique_name, wait_until,
 };
 use plotters::prelude::*;
 use serde::Serialize;
@@ -129,13 +128,11 @@ fn main() -> Result<()> {
         ];
         match cargo_binary("gotatun") {
             Some(_) => tunnels.push(Tunnel::Gotatun),
-            None => eprintln!(
-                "gotatun not found (cargo install gotatun-cli --version 0.10.2): left out"
-            ),
+            None => eprintln!("gotatun not found (scripts/peers.sh installs it): left out"),
         }
         match cargo_binary("boringtun-cli") {
             Some(_) => tunnels.push(Tunnel::BoringtunCli),
-            None => eprintln!("boringtun-cli not found (cargo install boringtun-cli): left out"),
+            None => eprintln!("boringtun-cli not found (scripts/peers.sh installs it): left out"),
         }
         if let Ok(only) = std::env::var("MESHNET_BENCH_ONLY") {
             tunnels.retain(|t| only.split(',').any(|o| o == t.label()));
@@ -244,23 +241,17 @@ fn set_up(tunnel: Tunnel, bins: &Binaries) -> Result<Setup> {
             setup.pids = (0..2).filter_map(|i| setup.bed.agent_pid(i)).collect();
         }
         Tunnel::WireguardGo | Tunnel::Gotatun | Tunnel::BoringtunCli => {
-            let program: Vec<String> = match tunnel {
-                Tunnel::WireguardGo => vec!["wireguard-go".into(), "-f".into()],
-                _ => {
-                    let name = if tunnel == Tunnel::Gotatun {
-                        "gotatun"
-                    } else {
-                        "boringtun-cli"
-                    };
-                    vec![
-                        cargo_binary(name).context(name)?.display().to_string(),
-                        "-f".into(),
-                        "--disable-drop-privileges".into(),
-                    ]
-                }
-            };
             for i in 0..2 {
-                let wg = userspace_wg(&setup.bed, i, &program)?;
+                let ns = &setup.bed.hosts[i].ns;
+                let name = unique_name("bw");
+                let wg = match tunnel {
+                    Tunnel::Gotatun => WireguardGo::start_rust_peer(ns, &name, "gotatun")?,
+                    Tunnel::BoringtunCli => {
+                        WireguardGo::start_rust_peer(ns, &name, "boringtun-cli")?
+                    }
+                    _ => WireguardGo::start(ns, &name)?,
+                };
+                wg.configure(&setup.bed, i, 1 - i, true, None)?;
                 setup.pids.extend(wg.pid());
                 setup.wgs.push(wg);
             }
@@ -268,14 +259,6 @@ fn set_up(tunnel: Tunnel, bins: &Binaries) -> Result<Setup> {
         }
     }
     Ok(setup)
-}
-
-/// A userspace WireGuard on host `i`, configured like meshd would be.
-fn userspace_wg(bed: &Testbed, i: usize, program: &[String]) -> Result<WireguardGo> {
-    let program: Vec<&str> = program.iter().map(String::as_str).collect();
-    let wg = WireguardGo::start_program(&bed.hosts[i].ns, &unique_name("bw"), &program)?;
-    wg.configure(bed, i, 1 - i, true, None)?;
-    Ok(wg)
 }
 
 fn measure_one(tunnel: Tunnel, s: &Setup, seconds: u64, ticks: f64) -> Result<Sample> {
@@ -697,22 +680,6 @@ where
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
-}
-
-/// A peer installed with `cargo install`: on PATH or in cargo's bin.
-fn cargo_binary(name: &str) -> Option<PathBuf> {
-    let from_path = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .ok()?;
-    let path = String::from_utf8_lossy(&from_path.stdout).trim().to_owned();
-    if !path.is_empty() {
-        return Some(PathBuf::from(path));
-    }
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
-    Some(home.join("bin").join(name)).filter(|p| p.is_file())
 }
 
 /// What the machine itself charges a round trip, measured in this run so

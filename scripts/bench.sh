@@ -13,12 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go
-# The Rust user-space peers: Mullvad's GotaTun (recvmmsg + UDP GRO) and
-# boringtun's own CLI. Pinned so runs stay comparable.
-command -v gotatun >/dev/null || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/gotatun" ] ||
-    cargo install --locked gotatun-cli --version 0.10.2
-command -v boringtun-cli >/dev/null || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/boringtun-cli" ] ||
-    cargo install --locked boringtun-cli --version 0.7.1
+scripts/peers.sh
 scripts/deps.sh iproute2 iputils-ping iperf3 wireguard-tools wireguard-go protobuf-compiler libprotobuf-dev
 cargo bench --bench encap
 cargo bench --bench offload

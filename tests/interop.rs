@@ -1,9 +1,11 @@
-//! meshd against an implementation nobody here wrote: wireguard-go from
-//! Debian, configured with `wg` and `ip`. Plus preshared keys, cluster keys,
-//! and `wg show` against meshd's UAPI socket.
+//! meshd against implementations nobody here wrote: wireguard-go from
+//! Debian, and GotaTun and boringtun-cli, configured with `wg` and `ip`.
+//! Plus preshared keys, cluster keys, and `wg show` against meshd's UAPI
+//! socket.
 //!
-//! Needs root, iproute2, ping, wireguard-go, wireguard-tools and socat;
-//! fails (never skips) without them.
+//! Needs root, iproute2, ping, wireguard-go, wireguard-tools, socat, and
+//! gotatun and boringtun-cli (scripts/peers.sh); fails (never skips)
+//! without them.
 
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -40,6 +42,9 @@ struct PairOptions<'a> {
     wg_knows_endpoint: bool,
     meshd_psk: Option<&'a PresharedKey>,
     wg_psk: Option<&'a PresharedKey>,
+    /// The peer on h2 when it is not wireguard-go: a Rust peer installed
+    /// with cargo (`gotatun`, `boringtun-cli`).
+    rust_peer: Option<&'a str>,
 }
 
 fn pair(tag: &str, o: PairOptions) -> Pair {
@@ -67,7 +72,12 @@ fn pair(tag: &str, o: PairOptions) -> Pair {
             .unwrap();
     }
 
-    let wg = WireguardGo::start(&bed.hosts[WG].ns, &unique_name("wg")).unwrap();
+    let (ns, name) = (&bed.hosts[WG].ns, unique_name("wg"));
+    let wg = match o.rust_peer {
+        Some(binary) => WireguardGo::start_rust_peer(ns, &name, binary),
+        None => WireguardGo::start(ns, &name),
+    }
+    .unwrap();
     let psk = o
         .wg_psk
         .map(|psk| bed.write_secret("wg.psk", &psk.to_base64()).unwrap());
@@ -184,6 +194,58 @@ fn wireguard_go_initiates_to_meshd_which_learns_its_endpoint() {
     transfer(&p.bed, MESHD, WG, WG_ADDR);
 }
 
+/// meshd with one of the Rust peers of the field, GotaTun or boringtun's
+/// own CLI, configured with `wg set` like wireguard-go. meshd pads what it
+/// seals to 16 bytes and boringtun-cli does not pad at all: pings of sizes
+/// that need padding, and one at the MTU, go both ways, and a TCP transfer
+/// each way arrives intact.
+fn a_rust_peer_is_a_peer_like_any_other(binary: &str, tag: &str) {
+    let p = pair(
+        tag,
+        PairOptions {
+            meshd_knows_endpoint: true,
+            wg_knows_endpoint: true,
+            rust_peer: Some(binary),
+            ..Default::default()
+        },
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || ping(&p.bed, MESHD, WG_ADDR, 1)),
+        "no tunnel to {binary}: {:?}\n{}",
+        wg_peer(&p),
+        p.bed.log(MESHD)
+    );
+    // ICMP payloads of 1, 13, 100 and 1001 bytes make IP packets of 29, 41,
+    // 128 and 1029 bytes; 1392 makes one of exactly the MTU, 1420.
+    for size in [1, 13, 100, 1001, 1392] {
+        for (from, to) in [(MESHD, WG_ADDR), (WG, MESHD_ADDR)] {
+            let (size, to) = (size.to_string(), to.to_string());
+            let ping = ["ping", "-c2", "-i0.2", "-W1", "-q", "-s", &size, &to];
+            let out = exec_in(&p.bed.hosts[from].ns, &ping).unwrap();
+            assert!(
+                out.status.success(),
+                "{binary}: ping of {size} bytes from host {from} failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+    transfer(&p.bed, MESHD, WG, WG_ADDR);
+    transfer(&p.bed, WG, MESHD, MESHD_ADDR);
+    let peer = wg_peer(&p);
+    assert_eq!(peer.state, PeerState::Up, "{binary}: {peer:?}");
+    assert_eq!(peer.dropped, 0, "{binary}: {peer:?}");
+}
+
+#[test]
+fn gotatun_is_a_peer_like_any_other() {
+    a_rust_peer_is_a_peer_like_any_other("gotatun", "gota");
+}
+
+#[test]
+fn boringtun_cli_is_a_peer_like_any_other() {
+    a_rust_peer_is_a_peer_like_any_other("boringtun-cli", "btcli");
+}
+
 #[test]
 fn matching_preshared_keys_work_with_wireguard_go() {
     let psk = PresharedKey::generate().unwrap();
@@ -192,6 +254,7 @@ fn matching_preshared_keys_work_with_wireguard_go() {
         wg_knows_endpoint: true,
         meshd_psk: Some(&psk),
         wg_psk: Some(&psk),
+        ..Default::default()
     };
     let p = pair("pskok", both);
     assert!(ping(&p.bed, MESHD, WG_ADDR, 3));
@@ -212,6 +275,7 @@ fn differing_preshared_keys_fail_cleanly_and_meshctl_says_why() {
             wg_knows_endpoint: true,
             meshd_psk: Some(&a),
             wg_psk: Some(&b),
+            ..Default::default()
         },
     );
     assert!(!ping(&p.bed, MESHD, WG_ADDR, 2));

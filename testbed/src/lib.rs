@@ -639,6 +639,22 @@ impl Drop for Testbed {
     }
 }
 
+/// A peer installed with `cargo install`: on PATH or in cargo's bin.
+pub fn cargo_binary(name: &str) -> Option<PathBuf> {
+    let from_path = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&from_path.stdout).trim().to_owned();
+    if !path.is_empty() {
+        return Some(PathBuf::from(path));
+    }
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    Some(home.join("bin").join(name)).filter(|p| p.is_file())
+}
+
 /// A wireguard-go interface in a namespace, configured with `wg` and `ip`;
 /// stopped, with its UAPI socket removed, on drop.
 pub struct WireguardGo {
@@ -651,6 +667,18 @@ impl WireguardGo {
     /// unique on the machine: the UAPI socket directory is shared).
     pub fn start(ns: &str, name: &str) -> Result<Self> {
         Self::start_program(ns, name, &["wireguard-go", "-f"])
+    }
+
+    /// Starts one of the Rust peers installed with `cargo install`
+    /// (`gotatun`, `boringtun-cli`; `scripts/peers.sh` installs both), in
+    /// the foreground and as root; an error names the install command when
+    /// it is missing.
+    pub fn start_rust_peer(ns: &str, name: &str, binary: &str) -> Result<Self> {
+        let path = cargo_binary(binary).with_context(|| {
+            format!("{binary} is not installed: run scripts/peers.sh (cargo install)")
+        })?;
+        let path = path.display().to_string();
+        Self::start_program(ns, name, &[&path, "-f", "--disable-drop-privileges"])
     }
 
     /// Starts another userspace WireGuard speaking the same UAPI, e.g.
