@@ -223,10 +223,14 @@ fn register_peers(registry: &mut Registry, s: &MetricsSnapshot) {
     let counters: [PeerCounter; 7] = [
         (
             "peer_received_bytes",
-            "Inner bytes received from the peer",
+            "Inner bytes opened from the peer, with their padding",
             |p| p.rx_bytes,
         ),
-        ("peer_sent_bytes", "Bytes sent to the peer", |p| p.tx_bytes),
+        (
+            "peer_sent_bytes",
+            "Inner bytes sealed for the peer, with their padding",
+            |p| p.tx_bytes,
+        ),
         (
             "peer_received_packets",
             "Inner packets received from the peer",
@@ -369,7 +373,7 @@ mod tests {
     fn counters_have_full_names_in_help_type_and_samples() {
         let text = render(&snapshot());
         for line in [
-            "# HELP meshnet_peer_received_bytes_total Inner bytes received from the peer.",
+            "# HELP meshnet_peer_received_bytes_total Inner bytes opened from the peer, with their padding.",
             "# TYPE meshnet_peer_received_bytes_total counter",
             "meshnet_peer_received_bytes_total{peer=\"h2\"} 2048",
             "meshnet_peer_sent_packets_total{peer=\"h2\"} 5",
