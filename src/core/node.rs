@@ -346,7 +346,7 @@ impl Node {
         let Some(peer) = self.peers.get_mut(slot).and_then(Option::as_mut) else {
             return self.drop(DropReason::NoRoute);
         };
-        if let Err(reason) = peer.send(now, self.padder.pad(packet), out) {
+        if let Err(reason) = peer.send(now, packet, &mut self.padder, out) {
             peer.count_drop();
             self.drop(reason);
         }
@@ -503,7 +503,7 @@ impl Node {
             .udp(SYNC_PORT, SYNC_PORT)
             .write(&mut packet, payload);
         let sent = match built {
-            Ok(()) => peer.send(now, self.padder.pad(&packet), out),
+            Ok(()) => peer.send(now, &packet, &mut self.padder, out),
             Err(_) => Err(DropReason::Malformed),
         };
         self.sync_packet = packet;

@@ -21,6 +21,7 @@ use tracing::{info, trace, warn};
 use super::DropReason;
 use super::liveness::{Liveness, PeerState};
 use super::outbox::{MAX_PACKET, Outbox, Placed};
+use super::padding::Padder;
 use crate::keys::{PresharedKey, PublicKey};
 use crate::membership::PeerSpec;
 
@@ -163,16 +164,19 @@ impl Peer {
         self.dropped += 1;
     }
 
-    /// Encrypts a packet from the device and queues it for the peer.
+    /// Pads a packet for this host (`padder`), encrypts it and queues it
+    /// for the peer: every packet the agent seals passes here.
     pub(crate) fn send(
         &mut self,
         now: Instant,
         packet: &[u8],
+        padder: &mut Padder,
         out: &mut Outbox,
     ) -> Result<(), DropReason> {
         let Some(to) = self.endpoint else {
             return Err(DropReason::NoEndpoint);
         };
+        let packet = padder.pad(packet);
         let room = out.spare((packet.len() + WG_OVERHEAD).max(MIN_ROOM));
         let start = room.as_ptr();
         match self.tunn.encapsulate(packet, room) {
